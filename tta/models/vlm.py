@@ -1,0 +1,123 @@
+"""``VisionLanguageModel``: one open_clip model with its tokenizer, preprocessing and class cache."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tta.models.text_tower import TextTower
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """Class names as a list, or a clear error for an empty list, blanks or duplicates."""
+    names = [str(n) for n in class_names]
+    if not names:
+        raise ValueError("class_names is empty: give at least two class names (or a data set that has them)")
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f"class_names has empty names at positions {blank}: every class needs a name")
+    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"class_names has duplicates {duplicates}: each class name must be unique, "
+                         "or two classes get the same text features")
+    return names
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    templates = [str(t) for t in templates]
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"templates must be a non-empty list of strings with a '{{}}' for the class "
+                         f"name, e.g. ['a photo of a {{}}.'], got {templates!r}")
+    return templates
+
+
+class VisionLanguageModel(nn.Module):
+    """Image and text towers of an open_clip model behind one interface.
+
+    Images come in raw: float in [0, 1], ``B x 3 x H x W`` at the model's ``image_size``; the
+    wrapper applies the model's own mean/std normalisation. Class text features (one prompt
+    per template, ensembled by averaging normalised features) are cached and recomputed only
+    when the class names, templates or device change.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, preprocess_cfg: dict, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        size = preprocess_cfg["size"]
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self._class_cache: dict[tuple, torch.Tensor] = {}
+
+    @cached_property
+    def text_tower(self) -> TextTower:
+        """Embeddings-level text tower (for prompt learning); raises for unsupported towers."""
+        return TextTower(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Clear errors for the commonest image mistakes, before any tower runs."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be B x 3 x H x W (RGB), got shape {tuple(images.shape)}; "
+                             "convert grey or RGBA images to RGB in the datamodule")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])} but {self.name} expects {self.image_size}: "
+                             f"set the datamodule's image_size to {self.image_size[0]}")
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image features of raw images in [0, 1] (L2-normalised unless ``normalize=False``)."""
+        features = self.model.encode_image(self.normalize(images))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.model.encode_text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    @torch.no_grad()
+    def class_text_features(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """``C x D`` normalised class features, ensembled over templates, cached."""
+        names, templates = tuple(check_class_names(class_names)), tuple(check_templates(templates))
+        key = (names, templates, self.device)
+        if key not in self._class_cache:
+            per_template = torch.stack([
+                self.encode_text(self.tokenize([t.format(n) for n in names])) for t in templates
+            ])  # T x C x D
+            self._class_cache = {key: F.normalize(per_template.mean(0), dim=-1)}
+        return self._class_cache[key]
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """``scale * cos + bias`` for normalised features; ``text_features`` may be batched
+        (``B x C x D`` against ``B x ... x D`` images)."""
+        if text_features.ndim == 2:
+            logits = image_features @ text_features.T
+        else:
+            logits = image_features @ text_features.transpose(-1, -2)
+        logits = self.logit_scale * logits
+        bias = self.logit_bias
+        return logits if bias is None else logits + bias

@@ -1,0 +1,84 @@
+"""Zero-shot classification as a LightningModule: the model every TTA callback adapts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates
+
+
+def check_batch(batch: dict[str, Any], n_classes: int) -> None:
+    """Clear errors for a batch that breaks the contract (see ``tta.datamodules``)."""
+    missing = {"image", "label", "index", "domain"} - set(batch)
+    if missing:
+        raise KeyError(f"batch lacks {sorted(missing)}: a datamodule must yield dicts with "
+                       "image, label, index and domain (see tta.datamodules)")
+    labels = batch["label"]
+    known = labels[labels >= 0]
+    if known.numel() and int(known.max()) >= n_classes:
+        raise ValueError(f"label {int(known.max())} is outside the class list of {n_classes} classes: "
+                         "the datamodule's labels and the class names disagree")
+    if torch.isnan(batch["image"]).any():
+        bad = batch["index"][torch.isnan(batch["image"]).flatten(1).any(1)].tolist()
+        raise ValueError(f"images with sample index {bad} contain NaN: check the data source")
+
+
+class ZeroShotClassifier(pl.LightningModule):
+    """Classify images by cosine similarity to class prompts.
+
+    ``predict_step`` returns, per batch (all tensors on the model's device):
+
+    - ``logits`` (B x C): ``logit_scale * cos(image, class) (+ logit_bias)``
+    - ``probs`` (B x C): softmax of ``logits``
+    - ``image_features`` (B x D): L2-normalised image embeddings
+    - ``label`` (B, long): the true class, ``-1`` where unknown
+    - ``index`` (B, long): the sample's index in its dataset
+    - ``domain`` (list of B str): the domain each sample comes from
+
+    TTA callbacks replace ``logits``/``probs`` with adapted ones and keep the originals as
+    ``logits_zs``/``probs_zs``. Class names come from the constructor or, if not given, from
+    the datamodule's ``class_names``.
+    """
+
+    def __init__(self, vlm: VisionLanguageModel, class_names: Sequence[str] | None = None,
+                 templates: Sequence[str] = ("a photo of a {}.",)) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.class_names = None if class_names is None else check_class_names(class_names)
+        self.templates = check_templates(templates)
+
+    @property
+    def model_name(self) -> str:
+        return self.vlm.name
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.class_names is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            names = getattr(datamodule, "class_names", None)
+            if names is None:
+                raise ValueError("no class names: pass class_names to ZeroShotClassifier or use a "
+                                 "datamodule with a class_names attribute")
+            self.class_names = check_class_names(names)
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised class features (C x D), cached by the wrapper."""
+        return self.vlm.class_text_features(self.class_names, self.templates)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.vlm.check_images(images)
+        image_features = self.vlm.encode_image(images)
+        logits = self.vlm.logits(image_features, self.text_features())
+        return {"logits": logits, "probs": logits.softmax(-1), "image_features": image_features}
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        check_batch(batch, len(self.class_names))
+        out = self(batch["image"])
+        out.update(label=batch["label"], index=batch["index"], domain=list(batch["domain"]))
+        return out
