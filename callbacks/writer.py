@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing_extensions import override
 
 from tta.metrics import summarize
 
-COLUMNS = ("index", "domain", "label", "pred", "confidence", "pred_zs", "confidence_zs", "ms")
+COLUMNS = ("index", "domain", "label", "pred", "confidence", "pred_zs", "confidence_zs", "ms", "adapt_ms")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -23,7 +24,8 @@ def peak_memory_mb(device: torch.device) -> float:
     resident set size (a high-water mark over the process's life, libraries included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class PredictionWriter(pl.Callback):
@@ -32,11 +34,12 @@ class PredictionWriter(pl.Callback):
     Rows are written when the *next* batch starts (or ``predict`` ends), so every callback's
     changes to the batch's outputs are in, whatever the order of the callback list. ``ms`` is
     the batch's wall time per sample, from its start to the next batch's start (data loading,
-    adaptation and prediction included, this writer's own I/O excluded).
+    adaptation and prediction included, this writer's own I/O excluded); ``adapt_ms`` the
+    part of it spent in TTA callbacks (empty without one).
 
     ``metrics.json`` holds ``method`` (the TTA callbacks' ``method_name`` joined by "+", or
     "none"), ``model``, ``data``, ``seed``, ``n``, ``accuracy``, ``ece``, ``ms_per_sample``,
-    ``peak_mem_mb`` and ``domains`` (per domain ``n``, ``accuracy``, ``ece``).
+    ``adapt_ms_per_sample``, ``peak_mem_mb`` and ``domains`` (per domain ``n``, ``accuracy``, ``ece``).
     """
 
     def __init__(self, output_dir: str | Path = ".", seed: int | None = None) -> None:
@@ -99,6 +102,7 @@ class PredictionWriter(pl.Callback):
         confidence, pred = probs.max(-1)
         zs = outputs.get("probs_zs")
         confidence_zs, pred_zs = zs.detach().float().cpu().max(-1) if zs is not None else (None, None)
+        adapt_ms = outputs.get("adapt_ms")
         for i in range(n):
             self._writer.writerow({
                 "index": int(outputs["index"][i]), "domain": outputs["domain"][i],
@@ -107,6 +111,7 @@ class PredictionWriter(pl.Callback):
                 "pred_zs": "" if pred_zs is None else int(pred_zs[i]),
                 "confidence_zs": "" if confidence_zs is None else f"{confidence_zs[i]:.6f}",
                 "ms": f"{ms:.4f}",
+                "adapt_ms": "" if adapt_ms is None else f"{float(adapt_ms[i]):.4f}",
             })
         self._file.flush()
 
@@ -123,6 +128,7 @@ class PredictionWriter(pl.Callback):
         metrics.update(summarize([r["pred"] for r in rows], [r["label"] for r in rows],
                                  [r["confidence"] for r in rows], [r["domain"] for r in rows]))
         metrics["ms_per_sample"] = sum(r["ms"] for r in rows) / max(1, len(rows))
+        metrics["adapt_ms_per_sample"] = sum(r["adapt_ms"] for r in rows) / max(1, len(rows))
         metrics["peak_mem_mb"] = peak_memory_mb(pl_module.device)
         domains = metrics.pop("domains")
         for name, values in domains.items():
@@ -136,5 +142,6 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``predictions.csv`` with numbers parsed."""
     with open(path, newline="") as f:
         return [{"index": int(r["index"]), "domain": r["domain"], "label": int(r["label"]),
-                 "pred": int(r["pred"]), "confidence": float(r["confidence"]), "ms": float(r["ms"])}
+                 "pred": int(r["pred"]), "confidence": float(r["confidence"]), "ms": float(r["ms"]),
+                 "adapt_ms": float(r["adapt_ms"] or 0.0)}
                 for r in csv.DictReader(f)]

@@ -80,7 +80,7 @@ def _main(cfg: DictConfig) -> None:
         if cause is None:
             raise
         message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-        Console(stderr=True).print(f"[bold red]tta-predict: error:[/] {message}", highlight=False)
+        Console(stderr=True).print(f"[bold red]tta-predict: error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
     if cfg.print_table:
         Console().print(metrics_table(metrics))

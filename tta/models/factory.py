@@ -34,10 +34,12 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
         return LOCAL_DIR + str(SHIPPED_MODELS[name]), None
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):]).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
+        weights = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pth")]
+        if not (folder / "open_clip_config.json").is_file() or not weights:
             raise FileNotFoundError(
-                f"model folder {folder} has no open_clip_config.json: a local-dir model needs the config "
-                "and its weights (open_clip_model.safetensors) side by side")
+                f"model folder {folder} needs open_clip_config.json and its weights "
+                "(open_clip_model.safetensors) side by side: found "
+                f"{sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no such folder'}")
         return LOCAL_DIR + str(folder), None
     available = open_clip.list_models()
     if name.replace("/", "-") not in available:

@@ -1,0 +1,133 @@
+"""The shared base of every episodic TTA callback: all Lightning plumbing, no method math.
+
+What it owns, so that a method only writes :meth:`EpisodicTTA.adapt`:
+
+- gradients inside ``Trainer.predict``: Lightning runs prediction under
+  ``torch.inference_mode()``; the base runs the method under ``inference_mode(False)`` and
+  ``enable_grad()`` on cloned inputs, and builds method state (prompt learners, bases) outside
+  inference mode too, so the default ``Trainer(inference_mode=True)`` works;
+- autocast matching the trainer's precision (Lightning's own autocast covers ``predict_step``
+  only); learnable tensors are created in fp32 by the methods;
+- episodic reset: every batch starts from fresh method state (nothing is carried from one
+  sample to the next) and the user's model is never an optimizer's parameter;
+- per-sample seeds: sample ``i`` of run seed ``s`` draws its views from its own generator,
+  seeded from ``(s, i)``, so its prediction does not depend on batch size, composition or order;
+- views on the device, encoded once per chunk of ``images_per_step`` images;
+- outputs: the adapted ``logits``/``probs`` replace the module's in the dict that ``predict``
+  returns and writers see; the unadapted ones stay as ``logits_zs``/``probs_zs``;
+  ``adapt_ms`` (B) holds each sample's share of the adaptation wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from tta.augment import VIEW_KINDS, make_views
+
+#: trainer.precision -> autocast dtype; "-true" precisions cast the weights instead.
+AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+
+def sample_seed(run_seed: int, index: int) -> int:
+    """The seed of one sample's randomness: a function of the run seed and the sample index only."""
+    return (int(run_seed) * 1_000_003 + int(index)) % (2**63 - 1)
+
+
+class EpisodicTTA(pl.Callback):
+    """Base of per-sample (episodic) TTA callbacks; subclasses implement :meth:`adapt`.
+
+    Args:
+        n_views: views per image, the original included (1: the original only).
+        views: ``"crop_flip"`` (ImageNet-type protocol) or ``"augmix"`` (fine-grained).
+        images_per_step: images adapted together (memory bound; results do not depend on it).
+        seed: run seed for the per-sample views; ``None`` takes the seed of
+            ``pytorch_lightning.seed_everything`` (0 if it was not called).
+    """
+
+    method_name = "episodic"
+
+    def __init__(self, n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
+                 seed: int | None = None) -> None:
+        super().__init__()
+        if n_views < 1:
+            raise ValueError(f"n_views must be >= 1 (the original image counts as one), got {n_views}")
+        if views not in VIEW_KINDS:
+            raise ValueError(f"views must be one of {VIEW_KINDS}, got {views!r}")
+        if images_per_step < 1:
+            raise ValueError(f"images_per_step must be >= 1, got {images_per_step}")
+        self.n_views, self.views, self.images_per_step, self.seed = n_views, views, images_per_step, seed
+        self._run_seed = 0
+        self._autocast_dtype: torch.dtype | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not hasattr(pl_module, "vlm") or not hasattr(pl_module, "text_features"):
+            raise TypeError(f"{type(self).__name__} adapts a vision-language classifier: use "
+                            f"tta.models.ZeroShotClassifier (got {type(pl_module).__name__})")
+        self._autocast_dtype = AUTOCAST_DTYPES.get(str(trainer.precision))
+        if self._autocast_dtype is torch.float16 and pl_module.device.type == "cpu":
+            raise ValueError("precision='16-mixed' is not supported on CPU: use precision='bf16-mixed' or '32-true'")
+        self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        with torch.inference_mode(False):
+            self.setup_method(pl_module)
+
+    @override
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
+                             batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        device = pl_module.device
+        self._synchronize(device)
+        start = time.perf_counter()
+        seeds = [sample_seed(self._run_seed, i) for i in batch["index"].tolist()]
+        with torch.inference_mode(False), torch.enable_grad():
+            images = batch["image"].clone()
+            logits = torch.cat([
+                self.adapt(pl_module, self.encode_views(pl_module, images[i:i + self.images_per_step],
+                                                        seeds[i:i + self.images_per_step]))
+                for i in range(0, len(seeds), self.images_per_step)
+            ])
+        self._synchronize(device)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        outputs.setdefault("logits_zs", outputs["logits"])
+        outputs.setdefault("probs_zs", outputs["probs"])
+        outputs["logits"] = logits.detach().to(outputs["logits"].dtype)
+        outputs["probs"] = logits.detach().float().softmax(-1)
+        previous = outputs.get("adapt_ms", torch.zeros(len(seeds)))
+        outputs["adapt_ms"] = previous + elapsed_ms / len(seeds)
+
+    # -- for subclasses ----------------------------------------------------------------------
+
+    def setup_method(self, pl_module: pl.LightningModule) -> None:
+        """Build method state that lives for the whole ``predict`` (runs outside inference mode)."""
+
+    def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
+        """Adapted logits (``B x C``) from ``B x V x D`` normalised view features (view 0 the original)."""
+        raise NotImplementedError
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        """Autocast matching the trainer's precision, for use inside :meth:`adapt`."""
+        if self._autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self._autocast_dtype)
+
+    @torch.no_grad()
+    def encode_views(self, pl_module: pl.LightningModule, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """``B x V x D`` normalised image features of the views (one image-tower pass)."""
+        vlm = pl_module.vlm
+        views = make_views(images, self.n_views, seeds, self.views)
+        with self.autocast(images.device):
+            features = vlm.encode_image(views.flatten(0, 1))
+        return features.float().view(len(seeds), self.n_views, -1)
+
+    @staticmethod
+    def _synchronize(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)

@@ -1,0 +1,48 @@
+"""STS as a callback: the spectral basis is built once per ``predict``; gamma is per image."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from tta.callbacks.base import EpisodicTTA
+from tta.methods.sts import FINAL_RULES, spectral_basis, sts_adapt
+
+
+class STS(EpisodicTTA):
+    """Spectrum-aware test-time steering. See :mod:`tta.methods.sts`.
+
+    Options where the sources disagree: ``center`` (mean-centre the class embeddings before
+    the SVD; default False), ``squared_norm`` (penalty ``||B^T gamma||^2`` instead of the norm;
+    default False), ``final`` ("original": predict on the original view, default;
+    "kept_average": average the kept views).
+    """
+
+    method_name = "sts"
+
+    def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, lam: float = 1.0,
+                 squared_norm: bool = False, final: str = "original", center: bool = False,
+                 n_views: int = 64, views: str = "crop_flip", images_per_step: int = 64,
+                 seed: int | None = None) -> None:
+        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step, seed=seed)
+        if final not in FINAL_RULES:
+            raise ValueError(f"final must be one of {FINAL_RULES}, got {final!r}")
+        if lr <= 0 or steps < 1 or lam < 0:
+            raise ValueError(f"need lr > 0, steps >= 1, lam >= 0; got lr={lr}, steps={steps}, lam={lam}")
+        self.lr, self.steps, self.selection, self.lam = lr, steps, selection, lam
+        self.squared_norm, self.final, self.center = squared_norm, final, center
+        self.class_features: torch.Tensor | None = None
+        self.basis: torch.Tensor | None = None
+
+    @override
+    def setup_method(self, pl_module: pl.LightningModule) -> None:
+        self.class_features = pl_module.text_features().clone().float()
+        self.basis = spectral_basis(self.class_features, center=self.center)
+
+    @override
+    def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
+        logits, _ = sts_adapt(view_features, self.class_features, self.basis, pl_module.vlm.logits, lr=self.lr,
+                              steps=self.steps, selection=self.selection, lam=self.lam,
+                              squared_norm=self.squared_norm, final=self.final)
+        return logits

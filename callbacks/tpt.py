@@ -1,0 +1,43 @@
+"""TPT as a callback: the prompt learner is built once; each batch gets fresh contexts."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from tta.callbacks.base import EpisodicTTA
+from tta.methods.tpt import tpt_adapt
+from tta.models.prompt import PromptLearner
+
+
+class TPT(EpisodicTTA):
+    """Test-time prompt tuning (defaults: 64 views, 10% kept, 1 AdamW step at lr 5e-3,
+    context "a photo of a"). See :mod:`tta.methods.tpt`."""
+
+    method_name = "tpt"
+
+    def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, ctx_init: str = "a photo of a",
+                 n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
+                 seed: int | None = None) -> None:
+        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step, seed=seed)
+        if lr <= 0 or steps < 1:
+            raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
+        if not 0 < selection <= 1:
+            raise ValueError(f"selection is the kept fraction of views, in (0, 1]; got {selection}")
+        self.lr, self.steps, self.selection, self.ctx_init = lr, steps, selection, ctx_init
+        self.prompt: PromptLearner | None = None
+
+    @override
+    def setup_method(self, pl_module: pl.LightningModule) -> None:
+        self.prompt = PromptLearner(pl_module.vlm, pl_module.class_names, self.ctx_init).to(pl_module.device)
+
+    @override
+    def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
+        device = view_features.device
+        scaler = None
+        if self._autocast_dtype is torch.float16:
+            scaler = torch.amp.GradScaler(device.type, init_scale=1000)  # TPT's reference setting
+        logits, _ = tpt_adapt(self.prompt, view_features, pl_module.vlm.logits, lr=self.lr, steps=self.steps,
+                              selection=self.selection, autocast=self.autocast(device), scaler=scaler)
+        return logits

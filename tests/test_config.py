@@ -1,0 +1,134 @@
+"""Every Hydra config option composes and every ``_target_`` in it instantiates.
+
+Options are found by listing ``configs/<group>/*.yaml``, so a new file is tested as soon as
+it exists; a new group fails ``test_every_group_is_tested`` until it gets a test here.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tta.models import VisionLanguageModel
+
+CONFIGS = files("tta.configs")
+GROUPS = {"model", "data", "trainer", "tta", "experiment"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in CONFIGS.joinpath(group).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def test_every_group_is_tested():
+    found = {p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    assert found == GROUPS
+
+
+def test_each_group_has_options():
+    assert all(options(group) for group in GROUPS)
+
+
+def offline_overrides(compose, overrides: list[str]) -> list[str]:
+    """Overrides that make ``overrides`` composable and instantiable without network or data:
+    a model with pretrained weights to fetch becomes the tiny random CLIP."""
+    if compose(overrides).model.vlm.get("pretrained") is not None:
+        overrides = [*overrides, "model.vlm.name=tta-tiny-clip", "model.vlm.pretrained=null"]
+    return overrides
+
+
+def instantiate_model(cfg: DictConfig) -> pl.LightningModule:
+    module = instantiate(cfg.model)
+    assert isinstance(module, pl.LightningModule)
+    assert isinstance(module.vlm, VisionLanguageModel)
+    return module
+
+
+def instantiate_data(cfg: DictConfig, image_size: int = 64) -> pl.LightningDataModule:
+    data_cfg = cfg.data.copy()
+    if data_cfg.get("image_size", "absent") is None:  # what tta.cli.run fills in from the model
+        with open_dict(data_cfg):
+            data_cfg.image_size = image_size
+    datamodule = instantiate(data_cfg)
+    assert isinstance(datamodule, pl.LightningDataModule)
+    assert list(datamodule.class_names) and list(datamodule.domains)
+    assert isinstance(datamodule.name, str)
+    return datamodule
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    assert isinstance(cfg.tta.callbacks, DictConfig)
+    callbacks = [instantiate(node) for node in cfg.tta.callbacks.values()]
+    assert all(isinstance(c, pl.Callback) for c in callbacks)
+    return callbacks
+
+
+def instantiate_trainer(cfg: DictConfig) -> pl.Trainer | None:
+    """The trainer, or None where it needs a GPU and none is here."""
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        return None
+    trainer = instantiate(cfg.trainer)
+    assert isinstance(trainer, pl.Trainer)
+    return trainer
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_config(compose, option):
+    cfg = compose(offline_overrides(compose, [f"model={option}"]))
+    module = instantiate_model(cfg)
+    assert module.vlm.name == cfg.model.vlm.name
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_config(compose, option, image_tree):
+    overrides = [f"data={option}"]
+    if OmegaConf.is_missing(compose(overrides).data, "root"):
+        overrides.append(f"data.root={image_tree}")
+    datamodule = instantiate_data(compose(overrides), image_size=32)
+    assert datamodule.image_size == 32
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_config(compose, option):
+    cfg = compose([f"trainer={option}"])
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    trainer = instantiate_trainer(cfg)
+    if trainer is None:
+        pytest.skip(f"trainer={option} needs a GPU; composed only")
+
+
+@pytest.mark.parametrize("option", options("tta"))
+def test_tta_config(compose, option):
+    cfg = compose([f"tta={option}"])
+    callbacks = instantiate_callbacks(cfg)
+    assert len(callbacks) == len(cfg.tta.callbacks)
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_config(compose, option, image_tree):
+    base = compose([])
+    overrides = [f"experiment={option}"]
+    cfg = compose(overrides)
+    assert cfg != base, f"experiment={option} changes nothing"
+    if OmegaConf.is_missing(cfg.data, "root"):
+        overrides.append(f"data.root={image_tree}")
+    cfg = compose(offline_overrides(compose, overrides))
+    module = instantiate_model(cfg)
+    instantiate_data(cfg, image_size=module.vlm.image_size[0])
+    instantiate_callbacks(cfg)
+    instantiate_trainer(cfg)
+
+
+def test_default_config_is_the_shipped_model_on_every_world_domain(compose):
+    from tta.world import DOMAINS
+
+    cfg = compose([])
+    assert cfg.model.vlm.name == "tta-world-clip"
+    datamodule = instantiate_data(cfg)
+    assert datamodule.domains == list(DOMAINS)
+    assert isinstance(cfg.seed, int)

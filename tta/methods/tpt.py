@@ -1,0 +1,57 @@
+"""TPT: test-time prompt tuning (Shu et al., NeurIPS 2022), batched over images.
+
+Per image: encode V views once (no grad), keep the 10% lowest-entropy views under the initial
+prompt, take one AdamW step (lr 5e-3, fresh state) on the context tokens to minimise the
+entropy of the kept views' averaged prediction, then predict on the original view (index 0)
+with the tuned prompt. Each image has its own context; because AdamW acts elementwise and the
+summed loss gives each context only its own image's gradient, adapting B images at once in
+one tensor gives the same result as adapting them one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from tta.methods.entropy import gather_views, marginal_entropy, select_confident
+from tta.models.prompt import PromptLearner
+
+LogitFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def tpt_adapt(prompt: PromptLearner, view_features: torch.Tensor, logit_fn: LogitFn, lr: float = 5e-3,
+              steps: int = 1, selection: float = 0.1, weight_decay: float = 0.01,
+              autocast: AbstractContextManager | None = None,
+              scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapt one context per image; returns (logits of the original views ``B x C``, the
+    selected view indices ``B x k``).
+
+    ``view_features``: ``B x V x D`` L2-normalised image features, view 0 the original.
+    ``logit_fn(image_features, text_features)`` applies the model's scale and bias.
+    ``scaler``: a fresh GradScaler when the autocast dtype is float16 (TPT's reference uses
+    ``init_scale=1000``).
+    """
+    autocast = autocast or nullcontext()
+    b = view_features.shape[0]
+    with torch.no_grad(), autocast:
+        initial = prompt.text_features(prompt.initial_context)  # C x D, shared by all images
+        selected = select_confident(logit_fn(view_features, initial), selection)
+    kept = gather_views(view_features, selected)  # B x k x D
+    context = prompt.initial_context.float().expand(b, -1, -1).clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([context], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        with autocast:
+            loss = marginal_entropy(logit_fn(kept, prompt.text_features(context))).sum()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    with torch.no_grad(), autocast:
+        logits = logit_fn(view_features[:, :1], prompt.text_features(context))[:, 0]
+    return logits.float(), selected
