@@ -61,7 +61,7 @@ def ours(vlm, prompt, images, seeds, n_views=64, batch=16):
         with torch.no_grad():
             views = make_views(images[i:i + batch], n_views, seeds[i:i + batch])
             features = vlm.encode_image(views.flatten(0, 1)).view(len(seeds[i:i + batch]), n_views, -1)
-        out.append(tpt_adapt(prompt, features, vlm.logits)[0])
+        out.append(tpt_adapt(prompt, features, vlm.logits).logits)
     return torch.cat(out)
 
 

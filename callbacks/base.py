@@ -1,6 +1,7 @@
-"""The shared base of every episodic TTA callback: all Lightning plumbing, no method math.
+"""The shared bases of the TTA callbacks: all Lightning plumbing, no method math.
 
-What it owns, so that a method only writes :meth:`EpisodicTTA.adapt`:
+``TTACallback`` owns the output replacement and timing of every method; ``EpisodicTTA`` adds
+what per-sample methods need, so that a method only writes :meth:`EpisodicTTA.adapt`:
 
 - gradients inside ``Trainer.predict``: Lightning runs prediction under
   ``torch.inference_mode()``; the base runs the method under ``inference_mode(False)`` and
@@ -40,7 +41,46 @@ def sample_seed(run_seed: int, index: int) -> int:
     return (int(run_seed) * 1_000_003 + int(index)) % (2**63 - 1)
 
 
-class EpisodicTTA(pl.Callback):
+class TTACallback(pl.Callback):
+    """Base of every TTA callback: timing and the replacement of the module's outputs.
+
+    Subclasses implement :meth:`process_batch`, which returns the batch's adapted logits; the
+    base writes them into the output dict in place (``logits``, ``probs``), keeps the first
+    unadapted ones (``logits_zs``, ``probs_zs``) when methods are stacked, and adds each
+    sample's share of the wall time to ``adapt_ms``. Callbacks run in list order, so a stack
+    such as ``[STS, LAME]`` hands STS's outputs to LAME.
+    """
+
+    method_name = "tta"
+
+    @override
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
+                             batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        device = pl_module.device
+        self._synchronize(device)
+        start = time.perf_counter()
+        logits = self.process_batch(pl_module, outputs, batch)
+        self._synchronize(device)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        n = len(batch["index"])
+        outputs.setdefault("logits_zs", outputs["logits"])
+        outputs.setdefault("probs_zs", outputs["probs"])
+        outputs["logits"] = logits.detach().to(outputs["logits"].dtype)
+        outputs["probs"] = logits.detach().float().softmax(-1)
+        outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + elapsed_ms / n
+
+    def process_batch(self, pl_module: pl.LightningModule, outputs: dict[str, Any],
+                      batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's adapted logits (``B x C``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _synchronize(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+class EpisodicTTA(TTACallback):
     """Base of per-sample (episodic) TTA callbacks; subclasses implement :meth:`adapt`.
 
     Args:
@@ -66,44 +106,25 @@ class EpisodicTTA(pl.Callback):
         self._run_seed = 0
         self._autocast_dtype: torch.dtype | None = None
 
-    # -- hooks -------------------------------------------------------------------------------
-
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not hasattr(pl_module, "vlm") or not hasattr(pl_module, "text_features"):
             raise TypeError(f"{type(self).__name__} adapts a vision-language classifier: use "
                             f"tta.models.ZeroShotClassifier (got {type(pl_module).__name__})")
         self._autocast_dtype = AUTOCAST_DTYPES.get(str(trainer.precision))
-        if self._autocast_dtype is torch.float16 and pl_module.device.type == "cpu":
-            raise ValueError("precision='16-mixed' is not supported on CPU: use precision='bf16-mixed' or '32-true'")
         self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         with torch.inference_mode(False):
             self.setup_method(pl_module)
 
     @override
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                             batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        device = pl_module.device
-        self._synchronize(device)
-        start = time.perf_counter()
+    def process_batch(self, pl_module: pl.LightningModule, outputs: dict[str, Any],
+                      batch: dict[str, Any]) -> torch.Tensor:
         seeds = [sample_seed(self._run_seed, i) for i in batch["index"].tolist()]
+        step = self.images_per_step
         with torch.inference_mode(False), torch.enable_grad():
             images = batch["image"].clone()
-            logits = torch.cat([
-                self.adapt(pl_module, self.encode_views(pl_module, images[i:i + self.images_per_step],
-                                                        seeds[i:i + self.images_per_step]))
-                for i in range(0, len(seeds), self.images_per_step)
-            ])
-        self._synchronize(device)
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        outputs.setdefault("logits_zs", outputs["logits"])
-        outputs.setdefault("probs_zs", outputs["probs"])
-        outputs["logits"] = logits.detach().to(outputs["logits"].dtype)
-        outputs["probs"] = logits.detach().float().softmax(-1)
-        previous = outputs.get("adapt_ms", torch.zeros(len(seeds)))
-        outputs["adapt_ms"] = previous + elapsed_ms / len(seeds)
-
-    # -- for subclasses ----------------------------------------------------------------------
+            return torch.cat([self.adapt(pl_module, self.encode_views(pl_module, images[i:i + step], seeds[i:i + step]))
+                              for i in range(0, len(seeds), step)])
 
     def setup_method(self, pl_module: pl.LightningModule) -> None:
         """Build method state that lives for the whole ``predict`` (runs outside inference mode)."""
@@ -126,8 +147,3 @@ class EpisodicTTA(pl.Callback):
         with self.autocast(images.device):
             features = vlm.encode_image(views.flatten(0, 1))
         return features.float().view(len(seeds), self.n_views, -1)
-
-    @staticmethod
-    def _synchronize(device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)

@@ -42,7 +42,6 @@ class STS(EpisodicTTA):
 
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
-        logits, _ = sts_adapt(view_features, self.class_features, self.basis, pl_module.vlm.logits, lr=self.lr,
-                              steps=self.steps, selection=self.selection, lam=self.lam,
-                              squared_norm=self.squared_norm, final=self.final)
-        return logits
+        return sts_adapt(view_features, self.class_features, self.basis, pl_module.vlm.logits, lr=self.lr,
+                         steps=self.steps, selection=self.selection, lam=self.lam,
+                         squared_norm=self.squared_norm, final=self.final).logits

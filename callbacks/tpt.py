@@ -13,14 +13,20 @@ from tta.models.prompt import PromptLearner
 
 class TPT(EpisodicTTA):
     """Test-time prompt tuning (defaults: 64 views, 10% kept, 1 AdamW step at lr 5e-3,
-    context "a photo of a"). See :mod:`tta.methods.tpt`."""
+    context "a photo of a"). See :mod:`tta.methods.tpt`.
+
+    ``images_per_step`` images are tuned at once, each with its own context; memory grows with
+    it times the number of classes. ``checkpoint_text`` recomputes the text tower's blocks in
+    the backward pass, for large class lists on a GPU (same result, less memory).
+    """
 
     method_name = "tpt"
 
     def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, ctx_init: str = "a photo of a",
                  n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
-                 seed: int | None = None) -> None:
+                 checkpoint_text: bool = False, seed: int | None = None) -> None:
         super().__init__(n_views=n_views, views=views, images_per_step=images_per_step, seed=seed)
+        self.checkpoint_text = checkpoint_text
         if lr <= 0 or steps < 1:
             raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
         if not 0 < selection <= 1:
@@ -38,6 +44,6 @@ class TPT(EpisodicTTA):
         scaler = None
         if self._autocast_dtype is torch.float16:
             scaler = torch.amp.GradScaler(device.type, init_scale=1000)  # TPT's reference setting
-        logits, _ = tpt_adapt(self.prompt, view_features, pl_module.vlm.logits, lr=self.lr, steps=self.steps,
-                              selection=self.selection, autocast=self.autocast(device), scaler=scaler)
-        return logits
+        return tpt_adapt(self.prompt, view_features, pl_module.vlm.logits, lr=self.lr, steps=self.steps,
+                         selection=self.selection, autocast=self.autocast(device), scaler=scaler,
+                         checkpoint=self.checkpoint_text).logits

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tta.methods.entropy import gather_views, marginal_entropy, select_confident
-from tta.methods.tpt import LogitFn
+from tta.methods.tpt import Adapted, LogitFn
 
 FINAL_RULES = ("original", "kept_average")
 
@@ -51,8 +51,8 @@ def steered_prototypes(class_features: torch.Tensor, basis: torch.Tensor, gamma:
 def sts_adapt(view_features: torch.Tensor, class_features: torch.Tensor, basis: torch.Tensor,
               logit_fn: LogitFn, lr: float = 5e-3, steps: int = 1, selection: float = 0.1,
               lam: float = 1.0, squared_norm: bool = False, final: str = "original",
-              weight_decay: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steer each image's prototypes; returns (logits ``B x C``, selected view indices ``B x k``).
+              weight_decay: float = 0.01) -> Adapted:
+    """Steer each image's prototypes (the adapted variables are the ``B x k`` coefficients).
 
     ``final="original"`` predicts on view 0 (the TPT/TPS rule); ``"kept_average"`` returns the
     log of the kept views' averaged probabilities. With one step from gamma = 0 the penalty's
@@ -77,6 +77,6 @@ def sts_adapt(view_features: torch.Tensor, class_features: torch.Tensor, basis: 
     with torch.no_grad():
         prototypes = steered_prototypes(class_features, basis, gamma)
         if final == "original":
-            return logit_fn(view_features[:, :1], prototypes)[:, 0], selected
+            return Adapted(logit_fn(view_features[:, :1], prototypes)[:, 0], selected, gamma.detach())
         probs = logit_fn(kept, prototypes).softmax(-1).mean(1)
-        return probs.clamp_min(1e-12).log(), selected
+        return Adapted(probs.clamp_min(1e-12).log(), selected, gamma.detach())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -21,17 +22,26 @@ from tta.models.prompt import PromptLearner
 LogitFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Adapted(NamedTuple):
+    """What a view method returns: logits of each image (``B x C``), the kept views
+    (``B x k`` indices) and the adapted variables (TPT: contexts; STS: coefficients)."""
+
+    logits: torch.Tensor
+    selected: torch.Tensor
+    variables: torch.Tensor
+
+
 def tpt_adapt(prompt: PromptLearner, view_features: torch.Tensor, logit_fn: LogitFn, lr: float = 5e-3,
               steps: int = 1, selection: float = 0.1, weight_decay: float = 0.01,
               autocast: AbstractContextManager | None = None,
-              scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adapt one context per image; returns (logits of the original views ``B x C``, the
-    selected view indices ``B x k``).
+              scaler: torch.amp.GradScaler | None = None, checkpoint: bool = False) -> Adapted:
+    """Adapt one context per image; the logits are those of the original views.
 
     ``view_features``: ``B x V x D`` L2-normalised image features, view 0 the original.
     ``logit_fn(image_features, text_features)`` applies the model's scale and bias.
     ``scaler``: a fresh GradScaler when the autocast dtype is float16 (TPT's reference uses
-    ``init_scale=1000``).
+    ``init_scale=1000``). ``checkpoint``: recompute text-tower blocks in the backward pass
+    (memory for compute; the result is the same).
     """
     autocast = autocast or nullcontext()
     b = view_features.shape[0]
@@ -43,7 +53,7 @@ def tpt_adapt(prompt: PromptLearner, view_features: torch.Tensor, logit_fn: Logi
     optimizer = torch.optim.AdamW([context], lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         with autocast:
-            loss = marginal_entropy(logit_fn(kept, prompt.text_features(context))).sum()
+            loss = marginal_entropy(logit_fn(kept, prompt.text_features(context, checkpoint))).sum()
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -54,4 +64,4 @@ def tpt_adapt(prompt: PromptLearner, view_features: torch.Tensor, logit_fn: Logi
             scaler.update()
     with torch.no_grad(), autocast:
         logits = logit_fn(view_features[:, :1], prompt.text_features(context))[:, 0]
-    return logits.float(), selected
+    return Adapted(logits.float(), selected, context.detach())

@@ -66,8 +66,9 @@ class PromptLearner:
             raise ValueError(f"ctx_init {ctx_init!r} tokenizes to nothing: give some words, e.g. 'a photo of a'")
         return ids
 
-    def text_features(self, context: torch.Tensor) -> torch.Tensor:
-        """Normalised class features for ``context`` (``n_ctx x W`` or ``B x n_ctx x W``)."""
+    def text_features(self, context: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """Normalised class features for ``context`` (``n_ctx x W`` or ``B x n_ctx x W``);
+        ``checkpoint`` trades compute for memory in the backward pass (see ``TextTower``)."""
         batched = context.ndim == 3
         ctx = context if batched else context.unsqueeze(0)
         b, c = ctx.shape[0], self.prefix.shape[0]
@@ -77,7 +78,7 @@ class PromptLearner:
             ctx.unsqueeze(1).expand(-1, c, -1, -1),
             self.suffix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
         ], dim=2).flatten(0, 1)  # (B*C) x L x W
-        features = self.vlm.text_tower(embeddings, self.pool_positions.repeat(b))
+        features = self.vlm.text_tower(embeddings, self.pool_positions.repeat(b), checkpoint=checkpoint)
         features = F.normalize(features.float(), dim=-1).view(b, c, -1)
         return features if batched else features[0]
 

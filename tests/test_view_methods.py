@@ -1,0 +1,198 @@
+"""The math of the view-based methods on hand-made tensors and tiny models (no Lightning)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tta.augment import make_views
+from tta.methods.entropy import entropy, marginal_entropy, n_confident, select_confident
+from tta.methods.sts import gavish_donoho_omega, spectral_basis, steered_prototypes, sts_adapt
+from tta.methods.tpt import tpt_adapt
+from tta.methods.views import confident_view_average
+from tta.models import PromptLearner, create_vlm
+from tta.world import CLASS_NAMES, render_single
+
+
+def test_kept_view_count_is_6_of_64():
+    assert n_confident(64, 0.1) == 6
+    assert n_confident(5, 0.1) == 1
+    logits = torch.randn(3, 64, 10)
+    assert select_confident(logits, 0.1).shape == (3, 6)
+
+
+def test_selection_keeps_the_lowest_entropy_views_original_included():
+    # view v has logits scaled by v: higher scale, lower entropy; view 0 is made the sharpest
+    base = torch.tensor([3.0, 1.0, 0.0, -1.0])
+    scales = torch.arange(1, 21, dtype=torch.float32)
+    scales[0] = 100.0
+    logits = (scales[:, None] * base).unsqueeze(0)  # 1 x 20 x 4
+    kept = select_confident(logits, 0.1)[0].tolist()
+    assert kept == [0, 19]
+
+
+def test_marginal_entropy_is_entropy_of_the_averaged_probability():
+    logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0]]])  # two confident views that disagree
+    averaged = logits.softmax(-1).mean(1)
+    expected = -(averaged * averaged.log()).sum(-1)
+    assert torch.allclose(marginal_entropy(logits), expected, atol=1e-6)
+    assert marginal_entropy(logits).item() == pytest.approx(math.log(2), abs=1e-3)
+    assert entropy(logits).mean().item() < 0.1  # the mean of per-view entropies is not the objective
+
+
+def test_marginal_entropy_is_stable_for_extreme_logits():
+    logits = torch.tensor([[[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]]])
+    value = marginal_entropy(logits)
+    assert torch.isfinite(value).all() and value.item() == pytest.approx(math.log(2), abs=1e-4)
+
+
+def _tiny_world_views(vlm, n_images=3, n_views=16):
+    images = render_single(n_images, seed=5).images
+    views = make_views(images, n_views, seeds=list(range(n_images)))
+    with torch.no_grad():
+        return vlm.encode_image(views.flatten(0, 1)).view(n_images, n_views, -1)
+
+
+@pytest.fixture(scope="module")
+def world_vlm():
+    return create_vlm("tta-world-clip")
+
+
+def test_tpt_first_adamw_step_moves_each_context_element_by_lr_times_sign(world_vlm):
+    prompt = PromptLearner(world_vlm, CLASS_NAMES)
+    features = _tiny_world_views(world_vlm, n_images=1)
+    lr, wd = 5e-3, 0.01
+    out = tpt_adapt(prompt, features, world_vlm.logits, lr=lr, weight_decay=wd)
+    # the gradient of the loss at the initial context, computed independently
+    context = prompt.initial_context.clone().unsqueeze(0).requires_grad_(True)
+    kept = features[0, out.selected[0]].unsqueeze(0)
+    marginal_entropy(world_vlm.logits(kept, prompt.text_features(context))).sum().backward()
+    grad = context.grad[0]
+    expected = prompt.initial_context * (1 - lr * wd) - lr * torch.sign(grad)
+    big = grad.abs() > 1e-6  # where |grad| is far above Adam's eps the step is exactly lr * sign
+    assert big.float().mean() > 0.9
+    assert torch.allclose(out.variables[0][big], expected[big], atol=1e-6)
+
+
+def test_tpt_batched_equals_one_image_at_a_time(world_vlm):
+    prompt = PromptLearner(world_vlm, CLASS_NAMES)
+    features = _tiny_world_views(world_vlm, n_images=4)
+    together = tpt_adapt(prompt, features, world_vlm.logits)
+    alone = [tpt_adapt(prompt, features[i:i + 1], world_vlm.logits) for i in range(4)]
+    assert torch.allclose(together.logits, torch.cat([a.logits for a in alone]), atol=1e-5)
+    assert torch.allclose(together.variables, torch.cat([a.variables for a in alone]), atol=1e-6)
+    assert torch.equal(together.logits.argmax(-1), torch.cat([a.logits for a in alone]).argmax(-1))
+
+
+def test_tpt_changes_the_prediction_logits(world_vlm):
+    prompt = PromptLearner(world_vlm, CLASS_NAMES)
+    features = _tiny_world_views(world_vlm, n_images=2)
+    out = tpt_adapt(prompt, features, world_vlm.logits)
+    zero_shot = world_vlm.logits(features[:, 0], world_vlm.class_text_features(CLASS_NAMES, ["a photo of a {}."]))
+    assert not torch.allclose(out.logits, zero_shot, atol=1e-4)
+    assert torch.allclose(out.logits, zero_shot, atol=5.0)  # one small step, not a different model
+
+
+@pytest.mark.parametrize("name", ["tta-tiny-clip", "tta-tiny-customtext", "tta-tiny-sigmoid"])
+def test_tpt_runs_on_every_tower_kind(name):
+    torch.manual_seed(0)
+    vlm = create_vlm(name)
+    prompt = PromptLearner(vlm, CLASS_NAMES[:6])
+    features = _tiny_world_views(vlm, n_images=2, n_views=8)
+    out = tpt_adapt(prompt, features, vlm.logits)
+    assert out.logits.shape == (2, 6) and torch.isfinite(out.logits).all()
+    assert not torch.equal(out.variables[0], prompt.initial_context)
+
+
+def test_gavish_donoho_rank_recovers_a_low_rank_signal():
+    torch.manual_seed(0)
+    c, d, rank = 100, 64, 5
+    signal = torch.randn(c, rank) @ torch.randn(rank, d) * 3
+    basis = spectral_basis(signal + 0.1 * torch.randn(c, d))
+    assert basis.shape == (rank, d)
+    assert torch.allclose(basis @ basis.T, torch.eye(rank), atol=1e-5)
+    assert gavish_donoho_omega(1.0) == pytest.approx(2.86, abs=0.01)
+
+
+def test_spectral_basis_of_isotropic_noise_keeps_few_directions():
+    torch.manual_seed(0)
+    basis = spectral_basis(torch.randn(200, 64))
+    assert 1 <= basis.shape[0] <= 3
+
+
+def test_sts_step_is_sign_like_and_needs_no_encoder():
+    torch.manual_seed(0)
+    class_features = F.normalize(torch.randn(10, 16), dim=-1)
+    basis = spectral_basis(class_features)
+    views = F.normalize(torch.randn(2, 32, 16), dim=-1)
+    logit_fn = lambda image, text: 50 * image @ text.transpose(-1, -2)  # noqa: E731
+    out = sts_adapt(views, class_features, basis, logit_fn, lr=5e-3)
+    assert out.variables.shape == (2, basis.shape[0])
+    assert torch.allclose(out.variables.abs(), torch.full_like(out.variables, 5e-3), rtol=0.05)
+    prototypes = steered_prototypes(class_features, basis, out.variables)
+    assert torch.allclose(out.logits, logit_fn(views[:, :1], prototypes)[:, 0], atol=1e-5)
+
+
+def test_sts_batched_equals_one_image_at_a_time_and_options_differ():
+    torch.manual_seed(1)
+    class_features = F.normalize(torch.randn(12, 16), dim=-1)
+    basis = spectral_basis(class_features, center=True)
+    views = F.normalize(torch.randn(3, 20, 16), dim=-1)
+    logit_fn = lambda image, text: 30 * image @ text.transpose(-1, -2)  # noqa: E731
+    together = sts_adapt(views, class_features, basis, logit_fn, steps=3, squared_norm=True)
+    alone = torch.cat([sts_adapt(views[i:i + 1], class_features, basis, logit_fn, steps=3,
+                                 squared_norm=True).logits for i in range(3)])
+    assert torch.allclose(together.logits, alone, atol=1e-5)
+    averaged = sts_adapt(views, class_features, basis, logit_fn, final="kept_average")
+    assert not torch.allclose(averaged.logits.softmax(-1), together.logits.softmax(-1))
+    with pytest.raises(ValueError, match="final"):
+        sts_adapt(views, class_features, basis, logit_fn, final="mean")
+
+
+def test_confident_view_average_averages_the_kept_probabilities():
+    logits = torch.randn(2, 30, 5) * 3
+    out, kept = confident_view_average(logits, 0.1)
+    expected = torch.stack([logits[b, kept[b]].softmax(-1).mean(0) for b in range(2)])
+    assert kept.shape == (2, 3)
+    assert torch.allclose(out.exp(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["crop_flip", "augmix"])
+def test_views_are_seeded_per_sample_and_keep_the_original_first(kind):
+    images = render_single(3, seed=2).images
+    views = make_views(images, 12, seeds=[10, 11, 12], kind=kind)
+    assert views.shape == (3, 12, 3, 64, 64)
+    assert torch.equal(views[:, 0], images)
+    assert views.min() >= 0 and views.max() <= 1
+    again = make_views(images[[2, 0]], 12, seeds=[12, 10], kind=kind)  # other batch, other order
+    assert torch.equal(again[0], views[2]) and torch.equal(again[1], views[0])
+    other = make_views(images, 12, seeds=[13, 11, 12], kind=kind)
+    assert not torch.equal(other[0], views[0]) and torch.equal(other[1], views[1])
+    assert not torch.equal(views[0, 1], views[0, 2])
+
+
+def test_augmix_differs_from_plain_crops_with_the_same_seed():
+    images = render_single(2, seed=4).images
+    crops = make_views(images, 8, seeds=[1, 2], kind="crop_flip")
+    mixed = make_views(images, 8, seeds=[1, 2], kind="augmix")
+    assert not torch.allclose(crops[:, 1:], mixed[:, 1:])
+
+
+def test_view_arguments_are_checked():
+    images = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="one seed per image"):
+        make_views(images, 4, seeds=[1])
+    with pytest.raises(ValueError, match="view kind"):
+        make_views(images, 4, seeds=[1, 2], kind="cutout")
+
+
+def test_tpt_with_checkpointed_text_tower_gives_the_same_result(world_vlm):
+    prompt = PromptLearner(world_vlm, CLASS_NAMES)
+    features = _tiny_world_views(world_vlm, n_images=2)
+    plain = tpt_adapt(prompt, features, world_vlm.logits)
+    checkpointed = tpt_adapt(prompt, features, world_vlm.logits, checkpoint=True)
+    assert torch.allclose(plain.variables, checkpointed.variables, atol=1e-6)
+    assert torch.allclose(plain.logits, checkpointed.logits, atol=1e-5)
