@@ -8,10 +8,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from typing_extensions import override
 
+from tta.datamodules.streams import check_stream, stream_order
 from tta.models.vlm import check_class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -73,12 +74,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
     Classes are the folders in sorted order; ``class_names`` (same order, same count) gives
     them readable names for the text prompts, otherwise the folder names are used with
     underscores as spaces. Images are resized (shorter side) and centre-cropped to
-    ``image_size``, RGB, in [0, 1].
+    ``image_size``, RGB, in [0, 1]. ``stream`` orders the samples (see
+    ``tta.datamodules.streams``); the default "iid" shuffles them, since folder order is
+    sorted by class, the worst case for batch-level methods.
     """
 
     def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, domain: str | None = None,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, stream: str = "iid", dirichlet_alpha: float = 0.1,
+                 stream_seed: int = 0) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.extensions = tuple(e.lower() for e in extensions)
@@ -94,7 +98,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         samples = [(path, label) for label, (_, images) in enumerate(classes) for path in images]
         self.dataset = ImageFolderDataset(samples, self.name, self.image_size)
+        check_stream(stream, dirichlet_alpha)
+        self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
+        labels = torch.tensor([label for _, label in samples])
+        self.order = stream_order(labels, stream, self.stream_seed, self.dirichlet_alpha, self.batch_size)
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)

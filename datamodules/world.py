@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
+from tta.datamodules.streams import check_stream, stream_order
 from tta.world import CLASS_NAMES, DOMAINS, check_domain, render_domain
 
 
@@ -34,14 +35,16 @@ class WorldDataModule(pl.LightningDataModule):
     between domains are the shift's alone. Images are rendered at 64 px (the scale the shift
     severities are calibrated at), stored as uint8 like real images, and resized to
     ``image_size`` if that differs. The default ``seed`` is disjoint from the training seeds of
-    the shipped model.
+    the shipped model. ``stream`` orders each domain's samples (see ``tta.datamodules.streams``:
+    "iid", "sorted" by label, or "dirichlet" class-imbalanced chunks of ``batch_size``).
     """
 
     name = "world"
     class_names = list(CLASS_NAMES)
 
     def __init__(self, domains: Sequence[str] | str = "all", severity: int = 3, n_per_domain: int = 500,
-                 seed: int = 10_000, image_size: int = 64, batch_size: int = 64, num_workers: int = 0) -> None:
+                 seed: int = 10_000, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
+                 stream: str = "iid", dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
         super().__init__()
         self.domains = list(DOMAINS) if domains == "all" else [domains] if isinstance(domains, str) else list(domains)
         if not self.domains:
@@ -54,7 +57,10 @@ class WorldDataModule(pl.LightningDataModule):
             raise ValueError(f"n_per_domain and batch_size must be positive, got {n_per_domain}, {batch_size}")
         self.severity, self.n_per_domain, self.seed = int(severity), int(n_per_domain), int(seed)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        check_stream(stream, dirichlet_alpha)
+        self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
         self.dataset: TensorDictDataset | None = None
+        self.order: torch.Tensor | None = None
 
     @override
     def setup(self, stage: str) -> None:
@@ -71,8 +77,14 @@ class WorldDataModule(pl.LightningDataModule):
             labels.append(scenes.labels)
             domains += [domain] * self.n_per_domain
         self.dataset = TensorDictDataset(torch.cat(images), torch.cat(labels), domains)
+        # the stream order applies within each domain; domains follow each other
+        self.order = torch.cat([
+            k * self.n_per_domain + stream_order(domain_labels, self.stream, self.stream_seed + k,
+                                                 self.dirichlet_alpha, self.batch_size)
+            for k, domain_labels in enumerate(labels)
+        ])
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+        return DataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size, shuffle=False,
                           num_workers=self.num_workers)
