@@ -36,8 +36,12 @@ def test_each_group_has_options():
 
 def offline_overrides(compose, overrides: list[str]) -> list[str]:
     """Overrides that make ``overrides`` composable and instantiable without network or data:
-    a model with pretrained weights to fetch becomes the tiny random CLIP."""
-    if compose(overrides).model.vlm.get("pretrained") is not None:
+    a model with pretrained weights to fetch becomes the tiny random CLIP (a vision-language
+    model) or gets random weights (a plain classifier such as TimmClassifier)."""
+    model = compose(overrides).model
+    if "vlm" not in model:
+        return [*overrides, "model.pretrained=false"] if model.get("pretrained") else overrides
+    if model.vlm.get("pretrained") is not None:
         overrides = [*overrides, "model.vlm.name=tta-tiny-clip", "model.vlm.pretrained=null"]
     return overrides
 
@@ -45,7 +49,8 @@ def offline_overrides(compose, overrides: list[str]) -> list[str]:
 def instantiate_model(cfg: DictConfig) -> pl.LightningModule:
     module = instantiate(cfg.model)
     assert isinstance(module, pl.LightningModule)
-    assert isinstance(module.vlm, VisionLanguageModel)
+    if "vlm" in cfg.model:
+        assert isinstance(module.vlm, VisionLanguageModel)
     return module
 
 
@@ -81,7 +86,7 @@ def instantiate_trainer(cfg: DictConfig) -> pl.Trainer | None:
 def test_model_config(compose, option):
     cfg = compose(offline_overrides(compose, [f"model={option}"]))
     module = instantiate_model(cfg)
-    assert module.vlm.name == cfg.model.vlm.name
+    assert module.model_name == (cfg.model.vlm.name if "vlm" in cfg.model else cfg.model.model_name)
 
 
 @pytest.mark.parametrize("option", options("data"))

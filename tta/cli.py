@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     The model is built first and the data set checked next, so a bad name, path or class
     list fails before any long work starts.
     """
+    # Lightning's start-up banners (device summary, product tips) drown the table
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate(cfg.model)
     data_cfg = cfg.data.copy()
     if data_cfg.get("image_size", "absent") is None:
         with open_dict(data_cfg):
-            data_cfg.image_size = module.vlm.image_size[0]
+            data_cfg.image_size = module.input_size
     datamodule = instantiate(data_cfg)
     callbacks = [instantiate(c) for c in cfg.tta.callbacks.values()]
     writer = PredictionWriter(output_dir, seed=cfg.seed)

@@ -122,6 +122,8 @@ def fixed_point(log_probs: torch.Tensor, affinity: torch.Tensor, max_iter: int =
     that meets the rule, whatever ``check_every``; the price is at most ``check_every - 1``
     discarded iterations (each one ``N x N x C`` product) and one sync per ``check_every``.
     """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1 (iterations between host-side checks), got {check_every}")
     z = log_probs.exp()
     pairwise = affinity @ z
     converged = torch.zeros((), dtype=torch.bool, device=z.device)

@@ -56,6 +56,11 @@ class ZeroShotClassifier(pl.LightningModule):
     def model_name(self) -> str:
         return self.vlm.name
 
+    @property
+    def input_size(self) -> int:
+        """The image size the model expects: the default image size of the data."""
+        return self.vlm.image_size[0]
+
     @override
     def setup(self, stage: str) -> None:
         if self.class_names is None:
