@@ -39,7 +39,8 @@ class PredictionWriter(pl.Callback):
 
     ``metrics.json`` holds ``method`` (the TTA callbacks' ``method_name`` joined by "+", or
     "none"), ``model``, ``data``, ``seed``, ``n``, ``accuracy``, ``ece``, ``ms_per_sample``,
-    ``adapt_ms_per_sample``, ``peak_mem_mb`` and ``domains`` (per domain ``n``, ``accuracy``, ``ece``).
+    ``adapt_ms_per_sample``, ``peak_mem_mb``, ``skipped_images`` (images the datamodule could not
+    decode and left out; 0 for datamodules that do not count them) and ``domains`` (per domain ``n``, ``accuracy``, ``ece``).
     """
 
     def __init__(self, output_dir: str | Path = ".", seed: int | None = None) -> None:
@@ -130,6 +131,7 @@ class PredictionWriter(pl.Callback):
         metrics["ms_per_sample"] = sum(r["ms"] for r in rows) / max(1, len(rows))
         metrics["adapt_ms_per_sample"] = sum(r["adapt_ms"] for r in rows) / max(1, len(rows))
         metrics["peak_mem_mb"] = peak_memory_mb(pl_module.device)
+        metrics["skipped_images"] = int(getattr(datamodule, "skipped_images", 0))
         domains = metrics.pop("domains")
         for name, values in domains.items():
             picked = [r["ms"] for r in rows if r["domain"] == name]

@@ -10,9 +10,15 @@ The batch contract: every ``predict_dataloader`` yields dicts
 - ``domain``: list of ``B`` strings, the domain each sample comes from.
 
 Each datamodule exposes ``class_names`` (list of str), ``domains`` (list of str) and ``name``.
+The file-based ones (every one but the offline world) skip images that fail to decode and
+count them in ``skipped_images``.
 """
 
-from tta.datamodules.folder import ImageFolderDataModule
+from tta.datamodules.corrupted import ImageNetCDataModule
+from tta.datamodules.fine_grained import FineGrainedDataModule
+from tta.datamodules.folder import ImageFilesDataModule, ImageFolderDataModule
+from tta.datamodules.imagenet import ImageNetDataModule, ImageNetV2DataModule
 from tta.datamodules.world import WorldDataModule
 
-__all__ = ["ImageFolderDataModule", "WorldDataModule"]
+__all__ = ["FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
+           "ImageNetDataModule", "ImageNetV2DataModule", "WorldDataModule"]

@@ -1,14 +1,19 @@
-"""Images on disk in the folder-per-class layout (``root/<class folder>/<image>``)."""
+"""Images on disk in the folder-per-class layout (``root/<class folder>/<image>``), and the
+shared pieces of every file-based datamodule: folder scanning, a dataset of image files that
+skips (and counts) images that fail to decode, and :class:`ImageFilesDataModule`, the base that
+turns a list of ``(path, label, domain)`` samples into batches of the contract in a stream order."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
 from typing_extensions import override
 
@@ -17,15 +22,20 @@ from tta.models.vlm import check_class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
+#: One sample of a file-based data set: image path, label (index into class_names), domain.
+Sample = tuple[Path, int, str]
+
 
 def _images_in(folder: Path, extensions: Sequence[str]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
 
 
-def scan_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[tuple[str, list[Path]]]:
-    """``[(folder name, image paths)]`` sorted by folder name, or an error that says how to fix the layout."""
+def scan_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                       setting: str = "data.root") -> list[tuple[str, list[Path]]]:
+    """``[(folder name, image paths)]`` sorted by folder name, or an error that says how to fix
+    the layout (``setting`` names the config value to change)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist: set data.root to a folder holding "
+        raise FileNotFoundError(f"data folder {root} does not exist: set {setting} to a folder holding "
                                 "one subfolder of images per class")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
@@ -35,7 +45,7 @@ def scan_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS)
         nested = [f for f in folders if any(p.is_dir() for p in f.iterdir())]
         if len(folders) == 1 and nested:
             raise FileNotFoundError(f"data folder {root} looks like the parent of the class folders: "
-                                    f"set data.root to {folders[0]}")
+                                    f"set {setting} to {folders[0]}")
         raise FileNotFoundError(f"no images ({', '.join(extensions)}) in the class folders of {root}")
     empty = [name for name, images in classes if not images]
     if empty:
@@ -44,31 +54,113 @@ def scan_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS)
     return classes
 
 
-class ImageFolderDataset(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], domain: str, image_size: int) -> None:
-        self.samples, self.domain = samples, domain
-        self.transform = v2.Compose([
-            v2.PILToTensor(),
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
+def image_transform(image_size: int) -> v2.Compose:
+    """PIL image -> float ``3 x image_size x image_size`` in [0, 1]: shorter side resized
+    (bicubic, antialiased), centre crop."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+class ImageFilesDataset(Dataset):
+    """Samples of the batch contract from image files; ``index`` is the sample's position.
+
+    An image that fails to decode gives ``None``; :func:`collate_skipping` drops it and counts it.
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+        self.samples = list(samples)
+        self.transform = image_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        path, label = self.samples[i]
+    def __getitem__(self, i: int) -> dict | None:
+        path, label, domain = self.samples[i]
         try:
             with Image.open(path) as image:
                 pixels = self.transform(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot decode image {path}: {error}; remove or replace the file") from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return None
         return {"image": pixels.clamp(0, 1), "label": torch.tensor(label), "index": torch.tensor(i),
-                "domain": self.domain}
+                "domain": domain}
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+def collate_skipping(samples: list[dict | None], image_size: int) -> dict[str, Any]:
+    """The default collate over the samples that decoded, plus ``skipped`` (how many did not),
+    which :class:`SkippingDataLoader` removes before the batch leaves the loader. A batch
+    whose every image failed is an empty batch of the contract."""
+    kept = [s for s in samples if s is not None]
+    batch = default_collate(kept) if kept else {
+        "image": torch.zeros(0, 3, image_size, image_size), "label": torch.zeros(0, dtype=torch.long),
+        "index": torch.zeros(0, dtype=torch.long), "domain": []}
+    batch["skipped"] = len(samples) - len(kept)
+    return batch
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader over :func:`collate_skipping` batches: removes their ``skipped`` count,
+    passing it to ``on_skipped``, so the batches it yields are exactly the contract."""
+
+    def __init__(self, *args: Any, on_skipped: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_skipped = on_skipped
+
+    @override
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            self.on_skipped(batch.pop("skipped"))
+            yield batch
+
+
+class ImageFilesDataModule(pl.LightningDataModule):
+    """Base of the file-based datamodules: ``samples`` (path, label, domain) in the stream order.
+
+    ``stream`` orders the samples within each domain, domains following each other in
+    ``domains`` order (see ``tta.datamodules.streams``); samples keep their ``index``. Images
+    that fail to decode are skipped and counted in ``skipped_images`` (the prediction writer
+    puts the count into ``metrics.json``).
+    """
+
+    def __init__(self, samples: Sequence[Sample], class_names: Sequence[str], domains: Sequence[str], name: str,
+                 image_size: int, batch_size: int, num_workers: int, stream: str, dirichlet_alpha: float,
+                 stream_seed: int) -> None:
+        super().__init__()
+        if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
+            raise ValueError(f"batch_size and image_size must be positive and num_workers >= 0, got "
+                             f"{batch_size}, {image_size}, {num_workers}: fix data.batch_size / image_size / num_workers")
+        self.class_names = check_class_names(class_names)
+        self.domains, self.name = list(domains), name
+        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        check_stream(stream, dirichlet_alpha)
+        self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
+        self.dataset = ImageFilesDataset(samples, self.image_size)
+        labels = torch.tensor([label for _, label, _ in self.dataset.samples], dtype=torch.long)
+        domain_of = [domain for _, _, domain in self.dataset.samples]
+        order = []
+        for domain in self.domains:
+            positions = torch.tensor([i for i, d in enumerate(domain_of) if d == domain], dtype=torch.long)
+            within = stream_order(labels[positions], stream, self.stream_seed, self.dirichlet_alpha, self.batch_size)
+            order.append(positions[within])
+        self.order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+        self.skipped_images = 0
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        self.skipped_images = 0
+        return SkippingDataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size,
+                                  shuffle=False, num_workers=self.num_workers,
+                                  collate_fn=partial(collate_skipping, image_size=self.image_size),
+                                  on_skipped=self._count_skipped)
+
+    def _count_skipped(self, n: int) -> None:
+        self.skipped_images += n
+
+
+class ImageFolderDataModule(ImageFilesDataModule):
     """One domain of images in ``root/<class folder>/<image>``.
 
     Classes are the folders in sorted order; ``class_names`` (same order, same count) gives
@@ -76,14 +168,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
     underscores as spaces. Images are resized (shorter side) and centre-cropped to
     ``image_size``, RGB, in [0, 1]. ``stream`` orders the samples (see
     ``tta.datamodules.streams``); the default "iid" shuffles them, since folder order is
-    sorted by class, the worst case for batch-level methods.
+    sorted by class, the worst case for batch-level methods. Images that fail to decode are
+    skipped and counted (``skipped_images``).
     """
 
     def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, domain: str | None = None,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, stream: str = "iid", dirichlet_alpha: float = 0.1,
                  stream_seed: int = 0) -> None:
-        super().__init__()
         self.root = Path(root).expanduser()
         self.extensions = tuple(e.lower() for e in extensions)
         classes = scan_class_folders(self.root, self.extensions)  # fails fast, before any model loads
@@ -92,18 +184,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         elif len(class_names) != len(classes):
             raise ValueError(f"{len(class_names)} class names for {len(classes)} class folders in {self.root}: "
                              "give one name per folder, in sorted folder order")
-        self.class_names = check_class_names(class_names)
-        self.name = domain or self.root.name
-        self.domains = [self.name]
-        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
-        samples = [(path, label) for label, (_, images) in enumerate(classes) for path in images]
-        self.dataset = ImageFolderDataset(samples, self.name, self.image_size)
-        check_stream(stream, dirichlet_alpha)
-        self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
-        labels = torch.tensor([label for _, label in samples])
-        self.order = stream_order(labels, stream, self.stream_seed, self.dirichlet_alpha, self.batch_size)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        name = domain or self.root.name
+        samples = [(path, label, name) for label, (_, images) in enumerate(classes) for path in images]
+        super().__init__(samples, class_names, [name], name, image_size, batch_size, num_workers, stream,
+                         dirichlet_alpha, stream_seed)

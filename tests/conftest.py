@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
 from tta.models import VisionLanguageModel, create_vlm
@@ -65,6 +67,53 @@ def image_tree(tmp_path) -> Path:
         for i, mode in enumerate(modes):
             save_image(root / folder / f"img_{i}.png", mode, size=(40 + 8 * i, 30), seed=10 * k + i)
     return root
+
+
+def class_tree(root: Path, folders: Sequence[str], per_folder: int = 1) -> Path:
+    """``root/<folder>/img_<i>.jpg``: ``per_folder`` tiny images in each folder."""
+    for k, folder in enumerate(folders):
+        for i in range(per_folder):
+            save_image(root / folder / f"img_{i}.jpg", size=(10, 8), seed=k * per_folder + i)
+    return root
+
+
+def split_tree(root: Path, dataset: str, split: str = "test") -> Path:
+    """A fine-grained data set's folder in the split-file layout, one image per class."""
+    from tta.datamodules.fine_grained import DATASETS, fine_grained_class_names
+
+    _, image_dir, split_name = DATASETS[dataset]
+    entries = [[f"c{label:03d}/0.jpg", label, name] for label, name in enumerate(fine_grained_class_names(dataset))]
+    if dataset == "aircraft":  # images/<id>.jpg and "<id> <variant>" lines
+        for path, label, _ in entries:
+            save_image(root / image_dir / path.replace("/", "_"), size=(10, 8), seed=label)
+        lines = [f"{path.replace('/', '_').removesuffix('.jpg')} {name}" for path, _, name in entries]
+        (root / split_name.format(split=split)).write_text("\n".join(lines) + "\n")
+    else:
+        for path, label, _ in entries:
+            save_image(root / image_dir / path, size=(10, 8), seed=label)
+        (root / split_name).write_text(json.dumps({"train": entries[:1], "val": entries[:1], split: entries}))
+    return root
+
+
+def fake_data_overrides(data: DictConfig, tmp_path: Path, image_tree: Path) -> list[str]:
+    """Overrides that point a data config whose ``root`` is mandatory at a small fake tree of its layout."""
+    from tta.datamodules.imagenet import imagenet_classes
+
+    target = data._target_.rsplit(".", 1)[-1]
+    root = tmp_path / "fake_data"
+    if target == "ImageNetDataModule":
+        class_tree(root, imagenet_classes(data.variant)[0])
+    elif target == "ImageNetV2DataModule":
+        class_tree(root, [str(k) for k in range(1000)])
+    elif target == "ImageNetCDataModule":
+        for severity in data.severities:
+            class_tree(root / "fog" / str(severity), imagenet_classes("imagenet")[0])
+        return [f"data.root={root}", "data.corruptions=[fog]"]
+    elif target == "FineGrainedDataModule":
+        split_tree(root, data.dataset, data.split)
+    else:
+        root = image_tree
+    return [f"data.root={root}"]
 
 
 @pytest.fixture

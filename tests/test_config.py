@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from conftest import fake_data_overrides
 from tta.models import VisionLanguageModel
 
 CONFIGS = files("tta.configs")
@@ -90,10 +91,10 @@ def test_model_config(compose, option):
 
 
 @pytest.mark.parametrize("option", options("data"))
-def test_data_config(compose, option, image_tree):
+def test_data_config(compose, option, image_tree, tmp_path):
     overrides = [f"data={option}"]
     if OmegaConf.is_missing(compose(overrides).data, "root"):
-        overrides.append(f"data.root={image_tree}")
+        overrides += fake_data_overrides(compose(overrides).data, tmp_path, image_tree)
     datamodule = instantiate_data(compose(overrides), image_size=32)
     assert datamodule.image_size == 32
 
@@ -115,16 +116,21 @@ def test_tta_config(compose, option):
 
 
 @pytest.mark.parametrize("option", options("experiment"))
-def test_experiment_config(compose, option, image_tree):
+def test_experiment_config(compose, option, image_tree, tmp_path):
+    """Protocol cards name real models and data folders: the model becomes a tiny one and the
+    mandatory data root a fake tree of the card's layout; a ``published`` block is well-formed."""
     base = compose([])
     overrides = [f"experiment={option}"]
     cfg = compose(overrides)
     assert cfg != base, f"experiment={option} changes nothing"
+    if "published" in cfg:
+        assert {"method", "model", "source", "accuracy"} <= set(cfg.published)
+        assert all(0 < value <= 100 for value in cfg.published.accuracy.values())
     if OmegaConf.is_missing(cfg.data, "root"):
-        overrides.append(f"data.root={image_tree}")
+        overrides += fake_data_overrides(cfg.data, tmp_path, image_tree)
     cfg = compose(offline_overrides(compose, overrides))
     module = instantiate_model(cfg)
-    instantiate_data(cfg, image_size=module.vlm.image_size[0])
+    instantiate_data(cfg, image_size=module.vlm.image_size[0] if "vlm" in cfg.model else 32)
     instantiate_callbacks(cfg)
     instantiate_trainer(cfg)
 

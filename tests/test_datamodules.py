@@ -103,7 +103,7 @@ def test_image_folder_given_class_names_and_domain(image_tree):
 
 def test_image_folder_converts_grey_and_rgba_to_rgb(image_tree):
     datamodule = ImageFolderDataModule(image_tree, image_size=24)
-    samples = {path.parent.name + "/" + path.name: i for i, (path, _) in enumerate(datamodule.dataset.samples)}
+    samples = {path.parent.name + "/" + path.name: i for i, (path, *_) in enumerate(datamodule.dataset.samples)}
     grey = datamodule.dataset[samples["apple/img_1.png"]]["image"]
     assert grey.shape == (3, 24, 24)
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])

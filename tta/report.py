@@ -3,6 +3,10 @@
 Reads only the ``metrics.json`` files under ``DIR``. Runs that differ only by ``seed`` are
 grouped: each cell is the mean over seeds, with the standard deviation when there are several.
 Writes ``report.md`` and ``report.png`` into ``DIR`` and prints the table.
+
+``--compare-published`` also puts each run beside the published numbers of the protocol card
+it ran (the ``published`` block of its ``experiment`` config, read from the run's
+``.hydra/config.yaml``): run accuracy, published accuracy and the difference, in points.
 """
 
 from __future__ import annotations
@@ -92,6 +96,38 @@ def accuracy_plot(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def published_rows(directory: Path) -> list[list[str]]:
+    """``[card method, model, data, seed, run %, published %, difference]`` for every run under
+    ``directory`` whose Hydra config carries a ``published`` block."""
+    from omegaconf import OmegaConf
+
+    rows = []
+    for path in sorted(directory.rglob("metrics.json")):
+        config = path.parent / ".hydra" / "config.yaml"
+        published = OmegaConf.load(config).get("published") if config.is_file() else None
+        if published is None:
+            continue
+        run = json.loads(path.read_text())
+        reference = published.accuracy.get(run["data"])
+        ours = None if run["accuracy"] is None else 100 * run["accuracy"]
+        cells = [f"{reference:.2f}" if reference is not None else "not published",
+                 f"{ours - reference:+.2f}" if reference is not None and ours is not None else "-"]
+        rows.append([run["method"], run["model"], run["data"], str(run["seed"]),
+                     "-" if ours is None else f"{ours:.2f}", *cells])
+    if not rows:
+        raise FileNotFoundError(f"no run under {directory} has a published block: run an experiment= protocol "
+                                "card (configs/experiment) and point tta-report at its run directory")
+    return rows
+
+
+def published_table(directory: str | Path) -> str:
+    """Markdown: each run beside its protocol card's published accuracy (%) and the difference."""
+    header = ["method", "model", "data", "seed", "run", "published", "difference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in published_rows(Path(directory))]
+    return "\n".join(lines)
+
+
 def report(directory: str | Path) -> str:
     directory = Path(directory)
     runs = load_runs(directory)
@@ -104,13 +140,20 @@ def report(directory: str | Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tta-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a run directory or a multirun directory")
+    parser.add_argument("--compare-published", action="store_true",
+                        help="also compare each run with its protocol card's published numbers (published.md)")
     args = parser.parse_args(argv)
     try:
         print(report(args.directory))
+        if args.compare_published:
+            table = published_table(args.directory)
+            (args.directory / "published.md").write_text(table + "\n")
+            print("\n" + table)
     except FileNotFoundError as error:
         print(f"tta-report: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"\nwrote {args.directory / 'report.md'} and {args.directory / 'report.png'}")
+    written = ["report.md", "report.png", *(["published.md"] if args.compare_published else [])]
+    print(f"\nwrote {', '.join(str(args.directory / name) for name in written)}")
 
 
 if __name__ == "__main__":
