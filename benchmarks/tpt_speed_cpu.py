@@ -60,7 +60,7 @@ def ours(vlm, prompt, images, seeds, n_views=64, batch=16):
     for i in range(0, len(seeds), batch):
         with torch.no_grad():
             views = make_views(images[i:i + batch], n_views, seeds[i:i + batch])
-            features = vlm.encode_image(views.flatten(0, 1)).view(len(seeds[i:i + batch]), n_views, -1)
+            features = vlm.encode_image(views.flatten(0, 1), batch_size=64).view(len(seeds[i:i + batch]), n_views, -1)
         out.append(tpt_adapt(prompt, features, vlm.logits).logits)
     return torch.cat(out)
 

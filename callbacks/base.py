@@ -87,6 +87,8 @@ class EpisodicTTA(TTACallback):
         n_views: views per image, the original included (1: the original only).
         views: ``"crop_flip"`` (ImageNet-type protocol) or ``"augmix"`` (fine-grained).
         images_per_step: images adapted together (memory bound; results do not depend on it).
+        view_batch_size: views per image-tower call (speed only: a few dozen suit CPUs,
+            several hundred suit GPUs).
         seed: run seed for the per-sample views; ``None`` takes the seed of
             ``pytorch_lightning.seed_everything`` (0 if it was not called).
     """
@@ -94,7 +96,7 @@ class EpisodicTTA(TTACallback):
     method_name = "episodic"
 
     def __init__(self, n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
-                 seed: int | None = None) -> None:
+                 view_batch_size: int = 64, seed: int | None = None) -> None:
         super().__init__()
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1 (the original image counts as one), got {n_views}")
@@ -102,7 +104,10 @@ class EpisodicTTA(TTACallback):
             raise ValueError(f"views must be one of {VIEW_KINDS}, got {views!r}")
         if images_per_step < 1:
             raise ValueError(f"images_per_step must be >= 1, got {images_per_step}")
+        if view_batch_size < 1:
+            raise ValueError(f"view_batch_size must be >= 1, got {view_batch_size}")
         self.n_views, self.views, self.images_per_step, self.seed = n_views, views, images_per_step, seed
+        self.view_batch_size = view_batch_size
         self._run_seed = 0
         self._autocast_dtype: torch.dtype | None = None
 
@@ -145,5 +150,5 @@ class EpisodicTTA(TTACallback):
         vlm = pl_module.vlm
         views = make_views(images, self.n_views, seeds, self.views)
         with self.autocast(images.device):
-            features = vlm.encode_image(views.flatten(0, 1))
+            features = vlm.encode_image(views.flatten(0, 1), batch_size=self.view_batch_size)
         return features.float().view(len(seeds), self.n_views, -1)

@@ -24,8 +24,9 @@ class STS(EpisodicTTA):
     def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, lam: float = 1.0,
                  squared_norm: bool = False, final: str = "original", center: bool = False,
                  n_views: int = 64, views: str = "crop_flip", images_per_step: int = 64,
-                 seed: int | None = None) -> None:
-        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step, seed=seed)
+                 view_batch_size: int = 64, seed: int | None = None) -> None:
+        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step,
+                         view_batch_size=view_batch_size, seed=seed)
         if final not in FINAL_RULES:
             raise ValueError(f"final must be one of {FINAL_RULES}, got {final!r}")
         if lr <= 0 or steps < 1 or lam < 0:

@@ -24,8 +24,9 @@ class TPT(EpisodicTTA):
 
     def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, ctx_init: str = "a photo of a",
                  n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
-                 checkpoint_text: bool = False, seed: int | None = None) -> None:
-        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step, seed=seed)
+                 view_batch_size: int = 64, checkpoint_text: bool = False, seed: int | None = None) -> None:
+        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step,
+                         view_batch_size=view_batch_size, seed=seed)
         self.checkpoint_text = checkpoint_text
         if lr <= 0 or steps < 1:
             raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")

@@ -87,8 +87,14 @@ class VisionLanguageModel(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Image features of raw images in [0, 1] (L2-normalised unless ``normalize=False``)."""
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, batch_size: int | None = None) -> torch.Tensor:
+        """Image features of raw images in [0, 1] (L2-normalised unless ``normalize=False``).
+
+        ``batch_size`` runs the tower on chunks of that many images: many views at once are
+        slower per image on a CPU than chunks of a few dozen (cache-bound convolutions).
+        """
+        if batch_size is not None and len(images) > batch_size:
+            return torch.cat([self.encode_image(chunk, normalize) for chunk in images.split(batch_size)])
         features = self.model.encode_image(self.normalize(images))
         return F.normalize(features, dim=-1) if normalize else features
 
