@@ -78,7 +78,7 @@ def accuracy_plot(runs: list[dict[str, Any]], path: Path) -> None:
     groups = group_runs(runs)
     domains = list(dict.fromkeys(name for run in runs for name in run["domains"]))
     width = 0.8 / max(1, len(groups))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(domains) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(domains) + 2) + 3, 4))
     for k, ((method, model, data), members) in enumerate(groups.items()):
         means = []
         for name in domains:
@@ -90,7 +90,7 @@ def accuracy_plot(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
