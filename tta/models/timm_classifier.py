@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from typing_extensions import override
 
-from tta.models.vlm import check_class_names
-from tta.models.zero_shot import check_batch
+from tta.models.vlm import check_class_names, check_images
+from tta.models.zero_shot import predict_outputs
 
 
 def _check_model_name(model_name: str) -> None:
@@ -138,15 +138,8 @@ class TimmClassifier(pl.LightningModule):
 
     def check_images(self, images: torch.Tensor) -> None:
         """Clear errors for the commonest image mistakes, before the model runs."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be B x 3 x H x W (RGB), got shape {tuple(images.shape)}; "
-                             "convert grey or RGBA images to RGB in the datamodule")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
-        if self.fixed_image_size is not None and tuple(images.shape[-2:]) != self.fixed_image_size:
-            raise ValueError(f"images are {tuple(images.shape[-2:])} but {self.model_name} expects "
-                             f"{self.fixed_image_size}: set the datamodule's image_size to {self.fixed_image_size[0]} "
-                             "(or pass model_kwargs={'img_size': ...} where the model supports it)")
+        check_images(images, self.fixed_image_size, self.model_name,
+                     " (or pass model_kwargs={'img_size': ...} where the model supports it)")
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_images(images)
@@ -160,7 +153,4 @@ class TimmClassifier(pl.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        check_batch(batch, len(self.class_names))
-        out = self(batch["image"])
-        out.update(label=batch["label"], index=batch["index"], domain=list(batch["domain"]))
-        return out
+        return predict_outputs(self, batch)

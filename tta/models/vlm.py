@@ -36,6 +36,20 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return templates
 
 
+def check_images(images: torch.Tensor, expected_size: tuple[int, int] | None, model_name: str,
+                 size_hint: str = "") -> None:
+    """Clear errors for images that are not ``B x 3 x H x W`` float RGB at ``expected_size``
+    (None: any size)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be B x 3 x H x W (RGB), got shape {tuple(images.shape)}; "
+                         "convert grey or RGBA images to RGB in the datamodule")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
+    if expected_size is not None and tuple(images.shape[-2:]) != tuple(expected_size):
+        raise ValueError(f"images are {tuple(images.shape[-2:])} but {model_name} expects {tuple(expected_size)}: "
+                         f"set the datamodule's image_size to {expected_size[0]}{size_hint}")
+
+
 class VisionLanguageModel(nn.Module):
     """Image and text towers of an open_clip model behind one interface.
 
@@ -75,14 +89,7 @@ class VisionLanguageModel(nn.Module):
 
     def check_images(self, images: torch.Tensor) -> None:
         """Clear errors for the commonest image mistakes, before any tower runs."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be B x 3 x H x W (RGB), got shape {tuple(images.shape)}; "
-                             "convert grey or RGBA images to RGB in the datamodule")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(f"images are {tuple(images.shape[-2:])} but {self.name} expects {self.image_size}: "
-                             f"set the datamodule's image_size to {self.image_size[0]}")
+        check_images(images, self.image_size, self.name)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)

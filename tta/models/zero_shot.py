@@ -28,6 +28,15 @@ def check_batch(batch: dict[str, Any], n_classes: int) -> None:
         raise ValueError(f"images with sample index {bad} contain NaN: check the data source")
 
 
+def predict_outputs(module: pl.LightningModule, batch: dict[str, Any]) -> dict[str, Any]:
+    """The documented prediction dict of a classifier whose ``forward`` gives logits, probs and
+    image features: the batch is checked, and its label, index and domain are passed on."""
+    check_batch(batch, len(module.class_names))
+    out = module(batch["image"])
+    out.update(label=batch["label"], index=batch["index"], domain=list(batch["domain"]))
+    return out
+
+
 class ZeroShotClassifier(pl.LightningModule):
     """Classify images by cosine similarity to class prompts.
 
@@ -83,7 +92,4 @@ class ZeroShotClassifier(pl.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        check_batch(batch, len(self.class_names))
-        out = self(batch["image"])
-        out.update(label=batch["label"], index=batch["index"], domain=list(batch["domain"]))
-        return out
+        return predict_outputs(self, batch)
