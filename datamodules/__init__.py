@@ -14,11 +14,11 @@ The file-based ones (every one but the offline world) skip images that fail to d
 count them in ``skipped_images``.
 """
 
-from tta.datamodules.corrupted import ImageNetCDataModule
+from tta.datamodules.corrupted import CIFAR10CDataModule, ImageNetCDataModule
 from tta.datamodules.fine_grained import FineGrainedDataModule
 from tta.datamodules.folder import ImageFilesDataModule, ImageFolderDataModule
 from tta.datamodules.imagenet import ImageNetDataModule, ImageNetV2DataModule
 from tta.datamodules.world import WorldDataModule
 
-__all__ = ["FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
+__all__ = ["CIFAR10CDataModule", "FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
            "ImageNetDataModule", "ImageNetV2DataModule", "WorldDataModule"]

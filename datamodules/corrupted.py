@@ -1,6 +1,6 @@
-"""Corrupted data sets read from their pre-generated folders: ImageNet-C
-(``root/<corruption>/<severity>/<WordNet id>/<image>``), the 15 corruptions x 5 severities of
-Hendrycks & Dietterich (2019).
+"""Corrupted data sets read from their pre-generated files: ImageNet-C
+(``root/<corruption>/<severity>/<WordNet id>/<image>``) and CIFAR-10-C (``root/<corruption>.npy``
++ ``root/labels.npy``), the 15 corruptions x 5 severities of Hendrycks & Dietterich (2019).
 
 Corruptions are not applied on the fly: the maintained library for them (``imagecorruptions``
 1.1.2, the last release) calls scikit-image and SciPy APIs that current releases removed
@@ -14,7 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
+
 from tta.datamodules.folder import ImageFilesDataModule
+from tta.datamodules.streams import stream_order
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
 
 CORRUPTIONS = (
@@ -24,6 +32,21 @@ CORRUPTIONS = (
     "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
 SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def check_corruptions(corruptions: Sequence[str] | str, severities: Sequence[int],
+                      known: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The corruptions ("all": the 15 of :data:`CORRUPTIONS`) and severities asked for, as
+    lists, or a clear error."""
+    names = list(CORRUPTIONS) if corruptions == "all" else [corruptions] if isinstance(corruptions, str) else list(corruptions)
+    unknown = [c for c in names if c not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown or no corruptions {unknown or names}: set data.corruptions to 'all' "
+                         f"or some of {list(known)}")
+    levels = [int(s) for s in severities]
+    if not levels or any(s not in SEVERITIES for s in levels):
+        raise ValueError(f"data.severities must be a non-empty list of 1..5, got {list(severities)}")
+    return names, levels
 
 
 class ImageNetCDataModule(ImageFilesDataModule):
@@ -41,15 +64,7 @@ class ImageNetCDataModule(ImageFilesDataModule):
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0, stream: str = "iid",
                  dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
         self.root = Path(root).expanduser()
-        self.corruptions = (list(CORRUPTIONS) if corruptions == "all"
-                            else [corruptions] if isinstance(corruptions, str) else list(corruptions))
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if unknown or not self.corruptions:
-            raise ValueError(f"unknown or no corruptions {unknown or self.corruptions}: set data.corruptions to 'all' "
-                             f"or some of {list(CORRUPTIONS)}")
-        self.severities = [int(s) for s in severities]
-        if not self.severities or any(s not in SEVERITIES for s in self.severities):
-            raise ValueError(f"data.severities must be a non-empty list of 1..5, got {list(severities)}")
+        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist: set data.root to the ImageNet-C folder "
                                     "(root/<corruption>/<severity>/<WordNet id>/<image>)")
@@ -70,3 +85,90 @@ class ImageNetCDataModule(ImageFilesDataModule):
         _, class_names = imagenet_classes("imagenet")
         super().__init__(samples, class_names, domains, self.name, image_size, batch_size, num_workers, stream,
                          dirichlet_alpha, stream_seed)
+
+
+#: CIFAR-10's classes in label order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+#: CIFAR-10-C ships four extra corruptions beside the 15 of ImageNet-C.
+CIFAR10_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
+class ArrayImageDataset(Dataset):
+    """Samples of the batch contract from ``N x H x W x 3`` uint8 arrays (memory-mapped), resized
+    to ``image_size``. ``rows`` are ``(array key, row, label, domain)``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], rows: list[tuple[str, int, int, str]], image_size: int) -> None:
+        self.arrays, self.rows, self.image_size = arrays, rows, image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        key, row, label, domain = self.rows[i]
+        image = torch.from_numpy(np.ascontiguousarray(self.arrays[key][row])).permute(2, 0, 1).float() / 255
+        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
+            image = F.interpolate(image.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)[0].clamp(0, 1)
+        return {"image": image, "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
+
+
+class CIFAR10CDataModule(pl.LightningDataModule):
+    """CIFAR-10-C, pre-generated: ``root/<corruption>.npy`` (N x 32 x 32 x 3 uint8, the five
+    severities one after the other, N/5 images each) and ``root/labels.npy``.
+
+    One domain ``<corruption>_<severity>`` per corruption and severity asked for; classes are
+    CIFAR-10's ten. Images are upsampled to ``image_size`` (bilinear). ``stream`` orders the
+    samples within each domain.
+    """
+
+    name = "cifar10_c"
+    class_names = list(CIFAR10_CLASSES)
+
+    def __init__(self, root: str | Path, corruptions: Sequence[str] | str = "all", severities: Sequence[int] = (5,),
+                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0, stream: str = "iid",
+                 dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + CIFAR10_C_EXTRA)
+        if int(batch_size) < 1 or int(image_size) < 1:
+            raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
+        labels_path = self.root / "labels.npy"
+        if not labels_path.is_file():
+            nested = sorted(p for p in self.root.glob("*/labels.npy")) if self.root.is_dir() else []
+            hint = f"set data.root to {nested[0].parent}" if nested else "expected root/labels.npy and root/<corruption>.npy"
+            raise FileNotFoundError(f"no labels.npy in the CIFAR-10-C folder {self.root}: {hint}")
+        labels = np.load(labels_path)
+        if len(labels) % len(SEVERITIES) or labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES):
+            raise ValueError(f"{labels_path} must hold 5 x n labels in 0..9, got {len(labels)} labels in "
+                             f"{labels.min()}..{labels.max()}")
+        per_severity = len(labels) // len(SEVERITIES)
+        arrays, rows = {}, []
+        self.domains = []
+        order = []
+        for corruption in self.corruptions:
+            path = self.root / f"{corruption}.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: download CIFAR-10-C into data.root, or drop "
+                                        f"{corruption} from data.corruptions")
+            arrays[corruption] = np.load(path, mmap_mode="r")
+            if arrays[corruption].shape[0] != len(labels) or arrays[corruption].shape[-1] != 3:
+                raise ValueError(f"{path} has shape {arrays[corruption].shape}; expected {len(labels)} x H x W x 3 "
+                                 "like labels.npy")
+            for severity in self.severities:
+                domain = f"{corruption}_{severity}"
+                start = (severity - 1) * per_severity
+                first = len(rows)
+                rows += [(corruption, start + r, int(labels[start + r]), domain) for r in range(per_severity)]
+                domain_labels = torch.as_tensor(labels[start:start + per_severity], dtype=torch.long)
+                order.append(first + stream_order(domain_labels, stream, int(stream_seed), float(dirichlet_alpha),
+                                                  int(batch_size)))
+                self.domains.append(domain)
+        self.dataset = ArrayImageDataset(arrays, rows, int(image_size))
+        self.order = torch.cat(order)
+        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)

@@ -95,6 +95,22 @@ def split_tree(root: Path, dataset: str, split: str = "test") -> Path:
     return root
 
 
+def cifar10_c_tree(root: Path, corruptions: Sequence[str], per_severity: int = 4) -> Path:
+    """A CIFAR-10-C folder: ``<corruption>.npy`` (5 severities x ``per_severity`` images, each image
+    filled with its severity x 40 + its row) and ``labels.npy``."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = 5 * per_severity
+    np.save(root / "labels.npy", np.arange(n) % 10)
+    for corruption in corruptions:
+        images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+        for row in range(n):
+            images[row] = (row // per_severity) * 40 + row % per_severity
+        np.save(root / f"{corruption}.npy", images)
+    return root
+
+
 def fake_data_overrides(data: DictConfig, tmp_path: Path, image_tree: Path) -> list[str]:
     """Overrides that point a data config whose ``root`` is mandatory at a small fake tree of its layout."""
     from tta.datamodules.imagenet import imagenet_classes
@@ -108,6 +124,9 @@ def fake_data_overrides(data: DictConfig, tmp_path: Path, image_tree: Path) -> l
     elif target == "ImageNetCDataModule":
         for severity in data.severities:
             class_tree(root / "fog" / str(severity), imagenet_classes("imagenet")[0])
+        return [f"data.root={root}", "data.corruptions=[fog]"]
+    elif target == "CIFAR10CDataModule":
+        cifar10_c_tree(root, ["fog"])
         return [f"data.root={root}", "data.corruptions=[fog]"]
     elif target == "FineGrainedDataModule":
         split_tree(root, data.dataset, data.split)

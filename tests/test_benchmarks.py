@@ -9,10 +9,11 @@ from importlib.resources import files
 import pytest
 import torch
 
+from conftest import cifar10_c_tree
 from conftest import class_tree as tree
 from conftest import split_tree
-from tta.datamodules import (FineGrainedDataModule, ImageFolderDataModule, ImageNetCDataModule, ImageNetDataModule,
-                             ImageNetV2DataModule)
+from tta.datamodules import (CIFAR10CDataModule, FineGrainedDataModule, ImageFolderDataModule, ImageNetCDataModule,
+                             ImageNetDataModule, ImageNetV2DataModule)
 from tta.datamodules.corrupted import CORRUPTIONS
 from tta.datamodules.fine_grained import DATASETS, fine_grained_class_names
 from tta.datamodules.imagenet import DUPLICATE_RENAMES, imagenet_classes, imagenet_metadata
@@ -235,3 +236,34 @@ def test_fine_grained_bad_layouts(tmp_path):
     (root / "2750" / "c003" / "0.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="1 images of the test split"):
         FineGrainedDataModule(root, "eurosat")
+
+
+def test_cifar10_c_reads_the_right_severity_block_and_labels(tmp_path):
+    root = cifar10_c_tree(tmp_path / "CIFAR-10-C", ["fog", "snow"], per_severity=4)
+    datamodule = CIFAR10CDataModule(root, corruptions=["fog", "snow"], severities=[2, 5], image_size=32,
+                                    batch_size=4, stream="sorted")
+    assert datamodule.domains == ["fog_2", "fog_5", "snow_2", "snow_5"]
+    assert datamodule.class_names[0] == "airplane" and len(datamodule.class_names) == 10
+    batches = list(datamodule.predict_dataloader())
+    first = batches[0]
+    assert first["image"].shape == (4, 3, 32, 32) and first["domain"] == ["fog_2"] * 4
+    # severity 2 is the second block of 4 rows: pixel values 40 + row, labels (4 + row) % 10
+    assert sorted(round(v * 255) for v in first["image"][:, 0, 0, 0].tolist()) == [40, 41, 42, 43]
+    assert sorted(first["label"].tolist()) == [4, 5, 6, 7]
+    upsampled = CIFAR10CDataModule(root, corruptions="fog", severities=[1], image_size=64, batch_size=2)
+    assert next(iter(upsampled.predict_dataloader()))["image"].shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"corruptions": ["rain"]}, "rain"), ({"severities": [6]}, "severities"), ({"corruptions": ["snow"]}, "snow.npy"),
+])
+def test_cifar10_c_errors_name_the_fix(tmp_path, kwargs, match):
+    root = cifar10_c_tree(tmp_path / "c", ["fog"])
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        CIFAR10CDataModule(root, **{"corruptions": ["fog"], **kwargs})
+
+
+def test_cifar10_c_parent_folder_is_named(tmp_path):
+    cifar10_c_tree(tmp_path / "parent" / "CIFAR-10-C", ["fog"])
+    with pytest.raises(FileNotFoundError, match="set data.root to .*CIFAR-10-C"):
+        CIFAR10CDataModule(tmp_path / "parent", corruptions="fog")
