@@ -56,13 +56,15 @@ class TTACallback(pl.Callback):
     @override
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
                              batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        n = len(batch["index"])
+        if n == 0:  # every image of the batch failed to decode: nothing to adapt
+            return
         device = pl_module.device
         self._synchronize(device)
         start = time.perf_counter()
         logits = self.process_batch(pl_module, outputs, batch)
         self._synchronize(device)
         elapsed_ms = (time.perf_counter() - start) * 1000
-        n = len(batch["index"])
         outputs.setdefault("logits_zs", outputs["logits"])
         outputs.setdefault("probs_zs", outputs["probs"])
         outputs["logits"] = logits.detach().to(outputs["logits"].dtype)

@@ -98,6 +98,8 @@ class PredictionWriter(pl.Callback):
         outputs, started = self._pending
         self._pending = None
         n = len(outputs["index"])
+        if n == 0:  # every image of the batch failed to decode (counted by the datamodule)
+            return
         ms = (now - started) * 1000 / n
         probs = outputs["probs"].detach().float().cpu()
         confidence, pred = probs.max(-1)

@@ -168,3 +168,22 @@ def test_callback_refuses_a_module_without_a_vision_language_model():
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[TPT(n_views=4)])
     with pytest.raises(TypeError, match="ZeroShotClassifier"):
         trainer.predict(Plain(), datamodule=data)
+
+
+def test_a_batch_whose_images_all_failed_to_decode_passes_through(world_module, tmp_path):
+    from conftest import class_tree
+
+    from tta.datamodules import ImageFolderDataModule
+
+    root = class_tree(tmp_path / "data", ["apple", "pear"], per_folder=2)
+    for bad in (root / "pear").iterdir():
+        bad.write_bytes(b"not an image")  # the whole second batch (sorted stream, batch 2) fails
+    data = ImageFolderDataModule(root, image_size=64, batch_size=2, stream="sorted",
+                                 class_names=["red circle", "blue square"])
+    writer = PredictionWriter(tmp_path / "run", seed=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         callbacks=[TPT(n_views=4, seed=0), writer])
+    batches = trainer.predict(world_module, datamodule=data)
+    assert [len(b["index"]) for b in batches] == [2, 0]
+    assert writer.metrics["n"] == 2 and writer.metrics["skipped_images"] == 2
+    assert len((tmp_path / "run" / "predictions.csv").read_text().splitlines()) == 3
