@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from tta.datamodules.folder import ImageFilesDataModule
-from tta.datamodules.streams import stream_order
+from tta.datamodules.streams import order_within_domains
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
 
 CORRUPTIONS = (
@@ -144,7 +144,6 @@ class CIFAR10CDataModule(pl.LightningDataModule):
         per_severity = len(labels) // len(SEVERITIES)
         arrays, rows = {}, []
         self.domains = []
-        order = []
         for corruption in self.corruptions:
             path = self.root / f"{corruption}.npy"
             if not path.is_file():
@@ -157,14 +156,12 @@ class CIFAR10CDataModule(pl.LightningDataModule):
             for severity in self.severities:
                 domain = f"{corruption}_{severity}"
                 start = (severity - 1) * per_severity
-                first = len(rows)
                 rows += [(corruption, start + r, int(labels[start + r]), domain) for r in range(per_severity)]
-                domain_labels = torch.as_tensor(labels[start:start + per_severity], dtype=torch.long)
-                order.append(first + stream_order(domain_labels, stream, int(stream_seed), float(dirichlet_alpha),
-                                                  int(batch_size)))
                 self.domains.append(domain)
         self.dataset = ArrayImageDataset(arrays, rows, int(image_size))
-        self.order = torch.cat(order)
+        self.order = order_within_domains(torch.tensor([label for _, _, label, _ in rows]),
+                                          [domain for _, _, _, domain in rows], self.domains, stream,
+                                          int(stream_seed), float(dirichlet_alpha), int(batch_size))
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
 

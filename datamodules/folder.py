@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
 from typing_extensions import override
 
-from tta.datamodules.streams import check_stream, stream_order
+from tta.datamodules.streams import check_stream, order_within_domains
 from tta.models.vlm import check_class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -140,12 +140,8 @@ class ImageFilesDataModule(pl.LightningDataModule):
         self.dataset = ImageFilesDataset(samples, self.image_size)
         labels = torch.tensor([label for _, label, _ in self.dataset.samples], dtype=torch.long)
         domain_of = [domain for _, _, domain in self.dataset.samples]
-        order = []
-        for domain in self.domains:
-            positions = torch.tensor([i for i, d in enumerate(domain_of) if d == domain], dtype=torch.long)
-            within = stream_order(labels[positions], stream, self.stream_seed, self.dirichlet_alpha, self.batch_size)
-            order.append(positions[within])
-        self.order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+        self.order = order_within_domains(labels, domain_of, self.domains, stream, self.stream_seed,
+                                          self.dirichlet_alpha, self.batch_size)
         self.skipped_images = 0
 
     @override

@@ -50,3 +50,16 @@ def stream_order(labels: torch.Tensor, kind: str = "iid", seed: int = 0, alpha: 
             pick = int(torch.multinomial(weights, 1, generator=g))
             order.append(pools[pick].pop())
     return torch.tensor(order)
+
+
+def order_within_domains(labels: torch.Tensor, domain_of: list[str], domains: list[str], kind: str = "iid",
+                         seed: int = 0, alpha: float = 0.1, chunk_size: int = 64) -> torch.Tensor:
+    """Positions of all samples in stream order: each domain's samples ordered by
+    :func:`stream_order` (domain ``k`` with seed ``seed + k``), domains one after the other in
+    ``domains`` order. ``domain_of[i]`` is sample ``i``'s domain."""
+    check_stream(kind, alpha)
+    order = []
+    for k, domain in enumerate(domains):
+        positions = torch.tensor([i for i, d in enumerate(domain_of) if d == domain], dtype=torch.long)
+        order.append(positions[stream_order(labels[positions], kind, seed + k, alpha, chunk_size)])
+    return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)

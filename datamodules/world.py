@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from tta.datamodules.streams import check_stream, stream_order
+from tta.datamodules.streams import check_stream, order_within_domains
 from tta.world import CLASS_NAMES, DOMAINS, check_domain, render_domain
 
 
@@ -51,6 +51,8 @@ class WorldDataModule(pl.LightningDataModule):
             raise ValueError(f"domains is empty: give 'all' or some of {list(DOMAINS)}")
         for domain in self.domains:
             check_domain(domain)
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains {self.domains} repeat a domain: list each once")
         if not 1 <= int(severity) <= 5:
             raise ValueError(f"severity must be in 1..5, got {severity}")
         if n_per_domain < 1 or batch_size < 1:
@@ -77,12 +79,8 @@ class WorldDataModule(pl.LightningDataModule):
             labels.append(scenes.labels)
             domains += [domain] * self.n_per_domain
         self.dataset = TensorDictDataset(torch.cat(images), torch.cat(labels), domains)
-        # the stream order applies within each domain; domains follow each other
-        self.order = torch.cat([
-            k * self.n_per_domain + stream_order(domain_labels, self.stream, self.stream_seed + k,
-                                                 self.dirichlet_alpha, self.batch_size)
-            for k, domain_labels in enumerate(labels)
-        ])
+        self.order = order_within_domains(self.dataset.labels, domains, self.domains, self.stream, self.stream_seed,
+                                          self.dirichlet_alpha, self.batch_size)
 
     @override
     def predict_dataloader(self) -> DataLoader:

@@ -66,7 +66,8 @@ def test_world_all_domains():
     assert WorldDataModule(domains="blur", n_per_domain=1).domains == ["blur"]
 
 
-@pytest.mark.parametrize("kwargs", [{"domains": []}, {"severity": 0}, {"severity": 6}, {"n_per_domain": 0}])
+@pytest.mark.parametrize("kwargs", [{"domains": []}, {"domains": ["clean", "clean"]}, {"severity": 0}, {"severity": 6},
+                                    {"n_per_domain": 0}])
 def test_world_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         WorldDataModule(**kwargs)
