@@ -20,22 +20,10 @@ import torch
 
 from tta.augment import make_views
 from tta.callbacks.base import sample_seed
-from tta.methods.entropy import gather_views, marginal_entropy, select_confident
+from tta.methods.entropy import marginal_entropy, select_confident
 from tta.methods.tpt import tpt_adapt
 from tta.models import PromptLearner, create_vlm
 from tta.world import CLASS_NAMES, render_domain
-
-
-class FullLengthPrompt(PromptLearner):
-    """The same prompt learner without the sequence cut: every position of the context length."""
-
-    def __init__(self, vlm, class_names, ctx_init="a photo of a"):
-        super().__init__(vlm, class_names, ctx_init)
-        tokens = vlm.tokenize([f"{ctx_init} {name}." for name in self.class_names])
-        with torch.no_grad():
-            embeddings = vlm.text_tower.token_embedding(tokens).float()
-        self.suffix = embeddings[:, self.ctx_start + self.n_ctx:]
-        self.seq_len = tokens.shape[1]
 
 
 def straightforward_tpt(vlm, prompt, image, seed, n_views=64, lr=5e-3):
@@ -80,7 +68,7 @@ def main() -> None:
     vlm = create_vlm("tta-world-clip")
     images = render_domain("blur", 3, args.images, seed=10_000).images
     seeds = [sample_seed(0, i) for i in range(args.images)]
-    fast_prompt, full_prompt = PromptLearner(vlm, CLASS_NAMES), FullLengthPrompt(vlm, CLASS_NAMES)
+    fast_prompt, full_prompt = PromptLearner(vlm, CLASS_NAMES), PromptLearner(vlm, CLASS_NAMES, truncate=False)
 
     ours(vlm, fast_prompt, images[:4], seeds[:4], batch=4)  # warm-up
     straightforward_tpt(vlm, full_prompt, images[0], seeds[0])

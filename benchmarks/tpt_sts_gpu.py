@@ -82,10 +82,7 @@ def main() -> None:
             feats = view_features(i, args.batch, bf16)
             vlm.logits(feats[:, 0], class_features).argmax(-1)
 
-    full_prompt = PromptLearner(vlm, names)
-    tokens = vlm.tokenize([f"a photo of a {c}." for c in names])
-    with torch.no_grad():
-        full_prompt.suffix = vlm.text_tower.token_embedding(tokens).float()[:, full_prompt.ctx_start + full_prompt.n_ctx:]
+    full_prompt = PromptLearner(vlm, names, truncate=False)
 
     def reference_tpt():
         for i in range(n):

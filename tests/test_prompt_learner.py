@@ -130,3 +130,10 @@ def test_logits_are_scaled_cosines_plus_bias(name):
     # batched text features: one set per image
     batched = vlm.logits(images.unsqueeze(1), text.expand(4, -1, -1)).squeeze(1)
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=0)
+
+
+def test_untruncated_prompt_learner_gives_the_same_features_on_full_sequences(shipped_vlm):
+    names = ["red circle", "sea lion"]
+    cut, full = PromptLearner(shipped_vlm, names), PromptLearner(shipped_vlm, names, truncate=False)
+    assert full.seq_len == 32 > cut.seq_len
+    assert torch.allclose(cut.text_features(cut.initial_context), full.text_features(full.initial_context), atol=1e-5)

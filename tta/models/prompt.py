@@ -34,7 +34,7 @@ class PromptLearner:
     """
 
     def __init__(self, vlm: VisionLanguageModel, class_names: Sequence[str],
-                 ctx_init: str = "a photo of a") -> None:
+                 ctx_init: str = "a photo of a", truncate: bool = True) -> None:
         self.vlm = vlm
         self.class_names = check_class_names(class_names)
         tower = vlm.text_tower
@@ -47,7 +47,9 @@ class PromptLearner:
         self.ctx_start = starts.pop()
         self.n_ctx = len(ctx_ids)
         self.pool_positions = tower.pool_positions(tokens)
-        length = tower.useful_length(tokens)
+        # truncate=False keeps every position of the context length (the reference behaviour,
+        # for benchmarks); the features are the same either way under a causal mask
+        length = tower.useful_length(tokens) if truncate else tokens.shape[1]
         with torch.no_grad():
             embeddings = tower.token_embedding(tokens[:, :length]).float()
         self.prefix = embeddings[:, : self.ctx_start]  # C x s x W (start token, if any)
