@@ -201,6 +201,23 @@ def render_pairs(n: int, seed: int, size: int = 64, style: Style = Style()) -> S
     offset = torch.randint(1, len(CLASS_NAMES), (n,), generator=g)
     second = (first + offset) % len(CLASS_NAMES)  # always a different class
     relation = torch.randint(0, len(RELATIONS), (n,), generator=g)
+    return draw_pairs(first, second, relation, g, size, style)
+
+
+def pair_caption(first: int, relation: int, second: int) -> str:
+    """The canonical caption of a two-object scene: "a red circle left of a blue square."."""
+    return f"a {CLASS_NAMES[first]} {RELATIONS[relation]} a {CLASS_NAMES[second]}."
+
+
+def draw_pairs(first: torch.Tensor, second: torch.Tensor, relation: torch.Tensor, g: torch.Generator,
+               size: int = 64, style: Style = Style()) -> Scenes:
+    """Two-object scenes of the given classes (``first``, ``second``: N class indices) and
+    relations (N indices into ``RELATIONS``); layout, colours and background come from ``g``.
+
+    Generators in the same state give the same layout and background for any objects, so two
+    calls that differ only in the objects render minimal pairs (the compositional groups).
+    """
+    n = len(first)
     radius = (torch.rand(n, 2, generator=g) * 0.05 + 0.11) * size
     # the first object sits in one half, the second in the other, per the relation
     half = size / 2
@@ -221,8 +238,5 @@ def render_pairs(n: int, seed: int, size: int = 64, style: Style = Style()) -> S
         alpha = _coverage(labels // len(COLOUR_NAMES), cx[:, k], cy[:, k], radius[:, k],
                           angle[:, k], size, style.outline_px).unsqueeze(1)
         images = images * (1 - alpha) + rgb * alpha
-    canonical = [
-        f"a {CLASS_NAMES[a]} {RELATIONS[r]} a {CLASS_NAMES[b]}."
-        for a, r, b in zip(first.tolist(), relation.tolist(), second.tolist())
-    ]
+    canonical = [pair_caption(a, r, b) for a, r, b in zip(first.tolist(), relation.tolist(), second.tolist())]
     return Scenes(images, first, list(canonical), canonical)
