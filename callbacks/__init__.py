@@ -1,10 +1,11 @@
 """Lightning callbacks: the prediction writer, and one thin adapter per TTA method."""
 
-from tta.callbacks.base import EpisodicTTA, TTACallback
+from tta.callbacks.base import EpisodicTTA, SetTTA, TTACallback
 from tta.callbacks.lame import LAME
 from tta.callbacks.sts import STS
 from tta.callbacks.tpt import TPT
+from tta.callbacks.ttm import TTM
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "TTACallback", "ViewAverage"]
+__all__ = ["LAME", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "SetTTA", "TTACallback", "TTM", "ViewAverage"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import move_data_to_device
 from typing_extensions import override
 
 from tta.augment import VIEW_KINDS, make_views
@@ -154,3 +155,40 @@ class EpisodicTTA(TTACallback):
         with self.autocast(images.device):
             features = vlm.encode_image(views.flatten(0, 1), batch_size=self.view_batch_size)
         return features.float().view(len(seeds), self.n_views, -1)
+
+
+class SetTTA(pl.Callback):
+    """Base of set-level TTA callbacks (TTM): the method sees the whole prediction set first.
+
+    No prediction is final before :meth:`fit` ends: at ``on_predict_start`` the base iterates the
+    trainer's predict dataloaders once (batches moved to the module's device, outside inference
+    mode, with gradients enabled) and hands them to :meth:`fit`; ``predict`` then runs as usual
+    over the same dataloaders, seeing whatever :meth:`fit` changed (an adapted copy of the model,
+    swapped in by the subclass and swapped back in :meth:`restore`, which runs at
+    ``on_predict_end`` and on exceptions).
+    """
+
+    method_name = "set"
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        with torch.inference_mode(False), torch.enable_grad():
+            batches = [move_data_to_device(batch, pl_module.device) for loader in loaders for batch in loader]
+            self.fit(trainer, pl_module, batches)
+
+    def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[dict[str, Any]]) -> None:
+        """Adapt on the whole prediction set (``batches``: every batch of every predict dataloader)."""
+        raise NotImplementedError
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restore(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.restore(pl_module)
+
+    def restore(self, pl_module: pl.LightningModule) -> None:
+        """Give the module back its original model (idempotent)."""

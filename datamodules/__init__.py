@@ -12,13 +12,25 @@ The batch contract: every ``predict_dataloader`` yields dicts
 Each datamodule exposes ``class_names`` (list of str), ``domains`` (list of str) and ``name``.
 The file-based ones (every one but the offline world) skip images that fail to decode and
 count them in ``skipped_images``.
+
+Compositional benchmarks (k x k groups, 1 x k multiple choice) have their own group contract:
+see ``tta.datamodules.compositional``.
 """
 
+from tta.datamodules.compositional import (
+    GroupDataModule,
+    MMVPVLMDataModule,
+    SugarCrepeDataModule,
+    WhatsUpDataModule,
+    WinogroundDataModule,
+    WorldGroupsDataModule,
+)
 from tta.datamodules.corrupted import CIFAR10CDataModule, ImageNetCDataModule
 from tta.datamodules.fine_grained import FineGrainedDataModule
 from tta.datamodules.folder import ImageFilesDataModule, ImageFolderDataModule
 from tta.datamodules.imagenet import ImageNetDataModule, ImageNetV2DataModule
 from tta.datamodules.world import WorldDataModule
 
-__all__ = ["CIFAR10CDataModule", "FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
+__all__ = ["CIFAR10CDataModule", "GroupDataModule", "MMVPVLMDataModule", "SugarCrepeDataModule",
+           "WhatsUpDataModule", "WinogroundDataModule", "WorldGroupsDataModule", "FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
            "ImageNetDataModule", "ImageNetV2DataModule", "WorldDataModule"]

@@ -1,0 +1,369 @@
+"""Compositional benchmarks as datamodules: k x k groups (Winoground-style) and 1 x k multiple choice.
+
+The group batch contract: every ``predict_dataloader`` yields dicts
+
+- ``images``: float tensor ``B x m x 3 x H x W`` in [0, 1], RGB, **not normalised**, at
+  ``image_size``: the ``m`` images of each group (``m = k`` for k x k groups, ``m = 1`` for
+  1 x k multiple choice);
+- ``captions``: list of ``B`` lists of ``k`` str; for k x k groups image ``i`` goes with caption
+  ``i``; for 1 x k items the first caption is the correct one;
+- ``index``: long tensor ``B``, the group's index in the prediction set (stable across runs);
+- ``domain``: list of ``B`` str (a shift of the offline world, or the benchmark / file name);
+- ``kind``: list of ``B`` str, what the captions differ by (a swap kind, a tag, a file name).
+
+Every batch of one datamodule has the same ``m`` and ``k``. File readers check the layout and
+that every listed image exists when they are built (so a wrong path fails before a model
+loads); a group with an image that fails to decode is skipped and counted in ``skipped_images``.
+Each datamodule exposes ``domains``, ``kinds``, ``name`` and ``image_size``; ``class_names``
+is empty (these are not classification sets).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from tta.datamodules.folder import image_transform
+from tta.world import DOMAINS, check_domain
+from tta.world.groups import SWAP_KINDS, check_swap_kind, render_groups
+
+
+def collate_groups(groups: list[dict | None], image_size: int) -> dict[str, Any]:
+    """Stack the groups that decoded (``None`` marks one that did not); ``skipped`` counts the others."""
+    kept = [g for g in groups if g is not None]
+    batch = {
+        "images": torch.stack([g["images"] for g in kept]) if kept else torch.zeros(0, 1, 3, image_size, image_size),
+        "captions": [list(g["captions"]) for g in kept],
+        "index": torch.tensor([g["index"] for g in kept], dtype=torch.long),
+        "domain": [g["domain"] for g in kept],
+        "kind": [g["kind"] for g in kept],
+    }
+    batch["skipped"] = len(groups) - len(kept)
+    return batch
+
+
+class GroupLoader(DataLoader):
+    """A DataLoader over :func:`collate_groups` batches that hands each batch's ``skipped`` count
+    to ``on_skipped``, so the batches it yields are exactly the contract. ``on_start`` runs at the
+    start of every pass (a set-level method such as TTM reads the set once before predicting)."""
+
+    def __init__(self, *args: Any, on_skipped: Callable[[int], None], on_start: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_skipped, self.on_start = on_skipped, on_start
+
+    @override
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.on_start()
+        for batch in super().__iter__():
+            self.on_skipped(batch.pop("skipped"))
+            yield batch
+
+
+class GroupDataModule(pl.LightningDataModule):
+    """Base of the group datamodules: a dataset of groups, in index order, batched by the contract."""
+
+    class_names: list[str] = []
+
+    def __init__(self, name: str, domains: Sequence[str], kinds: Sequence[str], image_size: int, batch_size: int,
+                 num_workers: int) -> None:
+        super().__init__()
+        if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
+            raise ValueError(f"batch_size and image_size must be positive and num_workers >= 0, got {batch_size}, "
+                             f"{image_size}, {num_workers}: fix data.batch_size / image_size / num_workers")
+        self.name, self.domains, self.kinds = name, list(domains), list(kinds)
+        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.skipped_images = 0
+        self.dataset: Dataset | None = None
+
+    def build_dataset(self) -> Dataset:
+        """The dataset of groups: item ``i`` is a dict of the contract for one group, or ``None``."""
+        raise NotImplementedError
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.dataset is None:
+            self.dataset = self.build_dataset()
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        self.setup("predict")
+        return GroupLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                           collate_fn=partial(collate_groups, image_size=self.image_size),
+                           on_skipped=self._count_skipped, on_start=self._reset_skipped)
+
+    def _count_skipped(self, n: int) -> None:
+        self.skipped_images += n
+
+    def _reset_skipped(self) -> None:
+        self.skipped_images = 0
+
+
+class _TensorGroups(Dataset):
+    def __init__(self, images: torch.Tensor, captions: list[list[str]], domains: list[str], kinds: list[str]) -> None:
+        self.images, self.captions, self.domains, self.kinds = images, captions, domains, kinds
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"images": self.images[i].float() / 255, "captions": self.captions[i], "index": i,
+                "domain": self.domains[i], "kind": self.kinds[i]}
+
+
+class WorldGroupsDataModule(GroupDataModule):
+    """2 x 2 compositional groups of the offline world (see ``tta.world.groups``).
+
+    ``n_per_cell`` groups for each swap kind in ``kinds`` and each domain in ``domains`` at
+    ``severity``; a domain may carry its own severity as ``"name@severity"`` ("noise@1"). The same
+    ``seed`` gives the same scenes in every domain. Groups are ordered by domain, then kind.
+    """
+
+    def __init__(self, kinds: Sequence[str] | str = SWAP_KINDS, domains: Sequence[str] | str = ("clean",),
+                 severity: int = 3, n_per_cell: int = 100, seed: int = 10_000, image_size: int = 64,
+                 batch_size: int = 50, num_workers: int = 0) -> None:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        domains = list(DOMAINS) if domains == "all" else [domains] if isinstance(domains, str) else list(domains)
+        if not kinds or not domains:
+            raise ValueError(f"kinds and domains must not be empty: kinds from {list(SWAP_KINDS)}, "
+                             f"domains from {list(DOMAINS)} (optionally 'name@severity')")
+        for kind in kinds:
+            check_swap_kind(kind)
+        self.cells = [self._parse_domain(d, severity) for d in domains]
+        if len(set(domains)) != len(domains) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"domains {domains} or kinds {kinds} repeat an entry: list each once")
+        if n_per_cell < 1:
+            raise ValueError(f"n_per_cell must be >= 1, got {n_per_cell}")
+        super().__init__("world_groups", domains, kinds, image_size, batch_size, num_workers)
+        self.severity, self.n_per_cell, self.seed = int(severity), int(n_per_cell), int(seed)
+
+    @staticmethod
+    def _parse_domain(domain: str, severity: int) -> tuple[str, int]:
+        name, _, level = str(domain).partition("@")
+        check_domain(name)
+        level = int(level) if level else int(severity)
+        if not 1 <= level <= 5:
+            raise ValueError(f"severity of {domain!r} must be in 1..5, got {level}")
+        return name, level
+
+    @override
+    def build_dataset(self) -> Dataset:
+        images, captions, domains, kinds = [], [], [], []
+        for label, (domain, severity) in zip(self.domains, self.cells):
+            for kind in self.kinds:
+                groups = render_groups(kind, self.n_per_cell, self.seed, domain, severity)
+                pixels = groups.images
+                if pixels.shape[-1] != self.image_size:
+                    pixels = F.interpolate(pixels.flatten(0, 1), size=self.image_size, mode="bilinear",
+                                           antialias=True, align_corners=False).clamp(0, 1).view(
+                        *pixels.shape[:3], self.image_size, self.image_size)
+                images.append((pixels * 255).round().to(torch.uint8))
+                captions += groups.captions
+                domains += [label] * self.n_per_cell
+                kinds += groups.kinds
+        return _TensorGroups(torch.cat(images), captions, domains, kinds)
+
+
+@dataclass(frozen=True)
+class GroupFiles:
+    """One group on disk: its image files, its captions (contract order), domain and kind."""
+
+    images: tuple[Path, ...]
+    captions: tuple[str, ...]
+    domain: str
+    kind: str
+
+
+class _FileGroups(Dataset):
+    def __init__(self, groups: Sequence[GroupFiles], image_size: int) -> None:
+        self.groups, self.transform = list(groups), image_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict | None:
+        group = self.groups[i]
+        try:
+            pixels = []
+            for path in group.images:
+                with Image.open(path) as image:
+                    pixels.append(self.transform(image.convert("RGB")).clamp(0, 1))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return None
+        return {"images": torch.stack(pixels), "captions": list(group.captions), "index": i,
+                "domain": group.domain, "kind": group.kind}
+
+
+class GroupFilesDataModule(GroupDataModule):
+    """Base of the file readers: a list of :class:`GroupFiles`, checked when built."""
+
+    def __init__(self, groups: Sequence[GroupFiles], name: str, image_size: int, batch_size: int,
+                 num_workers: int, setting: str = "data.root") -> None:
+        groups = list(groups)
+        if not groups:
+            raise ValueError(f"no groups found for {name}: check {setting}")
+        shapes = {(len(g.images), len(g.captions)) for g in groups}
+        if len(shapes) != 1:
+            raise ValueError(f"{name} mixes group shapes {sorted(shapes)} (images, captions): every group "
+                             "of one datamodule needs the same shape; read the files separately")
+        missing = [str(p) for g in groups for p in g.images if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) listed by {name} are missing, e.g. {missing[:3]}: "
+                                    f"check {setting} (the images must lie where the index file says)")
+        domains = list(dict.fromkeys(g.domain for g in groups))
+        kinds = list(dict.fromkeys(g.kind for g in groups))
+        super().__init__(name, domains, kinds, image_size, batch_size, num_workers)
+        self.groups = groups
+
+    @override
+    def build_dataset(self) -> Dataset:
+        return _FileGroups(self.groups, self.image_size)
+
+
+def _root(root: str | Path, name: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name} folder {path} does not exist: set data.root to the folder holding "
+                                f"the {name} files")
+    return path
+
+
+def _index_file(root: Path, names: Sequence[str], what: str) -> Path:
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"no {what} in {root}: expected one of {list(names)}; set data.root to the folder "
+                            f"that holds it (found {sorted(p.name for p in root.iterdir())[:10]})")
+
+
+def _image_path(folder: Path, stem: str, extensions: Sequence[str] = (".png", ".jpg", ".jpeg")) -> Path:
+    """``folder/stem`` if it has an extension or exists, else the first ``stem + ext`` that exists."""
+    direct = folder / stem
+    if direct.suffix or direct.is_file():
+        return direct
+    for ext in extensions:
+        if (folder / (stem + ext)).is_file():
+            return folder / (stem + ext)
+    return folder / (stem + extensions[0])  # reported as missing
+
+
+class WinogroundDataModule(GroupFilesDataModule):
+    """Winoground-style 2 x 2 groups, laid out as the public Hugging Face copy:
+    ``root/examples.jsonl`` (one JSON object per line with ``id, image_0, image_1, caption_0,
+    caption_1`` and optionally ``tag``) and ``root/images/<image name>.png``. ``kind`` is the
+    example's ``tag`` ("Object", "Relation", "Both") where present.
+    """
+
+    def __init__(self, root: str | Path, image_dir: str = "images", domain: str = "winoground",
+                 image_size: int = 224, batch_size: int = 50, num_workers: int = 0) -> None:
+        self.root = _root(root, "Winoground")
+        index = _index_file(self.root, ["examples.jsonl", "data/examples.jsonl"], "examples.jsonl")
+        images = index.parent / image_dir
+        groups = []
+        for line_no, line in enumerate(index.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                groups.append(GroupFiles(
+                    (_image_path(images, item["image_0"]), _image_path(images, item["image_1"])),
+                    (item["caption_0"], item["caption_1"]), domain, str(item.get("tag", "winoground"))))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{index} line {line_no} is not a Winoground example ({error!r}): each line needs "
+                                 "a JSON object with image_0, image_1, caption_0, caption_1") from error
+        super().__init__(groups, "winoground", image_size, batch_size, num_workers)
+
+
+class MMVPVLMDataModule(GroupFilesDataModule):
+    """MMVP-VLM-style 2 x 2 groups, laid out as the public release: ``root/Questions.csv`` with a
+    header and columns ``Question ID, Type, Statement``, and images
+    ``root/MLLM_VLM Images/<Type>/<Question ID>.jpg``. Rows come in pairs (1-2, 3-4, ...): the two
+    statements and the two images of a pair form a group; ``kind`` is the pair's ``Type`` (the
+    visual pattern).
+    """
+
+    def __init__(self, root: str | Path, image_dir: str = "MLLM_VLM Images", domain: str = "mmvp_vlm",
+                 image_size: int = 224, batch_size: int = 50, num_workers: int = 0) -> None:
+        self.root = _root(root, "MMVP-VLM")
+        index = _index_file(self.root, ["Questions.csv"], "Questions.csv")
+        with index.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+        if not rows or len(rows[0]) < 3:
+            raise ValueError(f"{index} needs a header and rows 'Question ID, Type, Statement'")
+        rows = rows[1:]
+        if len(rows) % 2:
+            raise ValueError(f"{index} has {len(rows)} statements: MMVP-VLM pairs consecutive rows, so the count "
+                             "must be even")
+        groups = []
+        for first, second in zip(rows[0::2], rows[1::2]):
+            (id_0, type_0, text_0), (id_1, type_1, text_1) = first[:3], second[:3]
+            if type_0 != type_1:
+                raise ValueError(f"{index}: rows {id_0} and {id_1} form a pair but have types {type_0!r} and "
+                                 f"{type_1!r}; MMVP-VLM pairs consecutive rows of one type")
+            folder = self.root / image_dir / type_0.strip()
+            groups.append(GroupFiles((_image_path(folder, id_0.strip(), (".jpg", ".png")),
+                                      _image_path(folder, id_1.strip(), (".jpg", ".png"))),
+                                     (text_0, text_1), domain, type_0.strip()))
+        super().__init__(groups, "mmvp_vlm", image_size, batch_size, num_workers)
+
+
+class SugarCrepeDataModule(GroupFilesDataModule):
+    """SugarCrepe-style 1 x 2 multiple choice: ``root/<file>.json`` per hard-negative kind
+    (``{id: {"filename", "caption", "negative_caption"}}``, e.g. ``replace_rel.json``) over an image
+    folder ``image_dir`` (COCO val2017; relative to ``root`` unless absolute). Options are
+    ``[caption, negative_caption]``; ``kind`` and ``domain`` are the file's name (without .json).
+    """
+
+    def __init__(self, root: str | Path, files: Sequence[str] = ("replace_att", "replace_obj", "replace_rel",
+                                                                   "swap_att", "swap_obj", "add_att", "add_obj"),
+                 image_dir: str = "val2017", image_size: int = 224, batch_size: int = 50,
+                 num_workers: int = 0) -> None:
+        self.root = _root(root, "SugarCrepe")
+        images = (self.root / image_dir).expanduser()
+        groups = []
+        for stem in files:
+            stem = str(stem).removesuffix(".json")
+            path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
+            try:
+                items = json.loads(path.read_text())
+                groups += [GroupFiles((images / item["filename"],), (item["caption"], item["negative_caption"]),
+                                      stem, stem) for item in items.values()]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{path} is not SugarCrepe's layout ({error!r}): expected a JSON object "
+                                 "{id: {filename, caption, negative_caption}}") from error
+        super().__init__(groups, "sugarcrepe", image_size, batch_size, num_workers)
+
+
+class WhatsUpDataModule(GroupFilesDataModule):
+    """What'sUp-style 1 x k multiple choice: ``root/<file>.json``, a list of
+    ``{"image_path", "caption_options"}`` with the correct caption first, image paths relative to
+    ``root`` (e.g. ``data/controlled_images/...``); ``kind`` and ``domain`` are the file's name.
+    """
+
+    def __init__(self, root: str | Path, files: Sequence[str] = ("controlled_images_dataset",),
+                 image_size: int = 224, batch_size: int = 50, num_workers: int = 0) -> None:
+        self.root = _root(root, "WhatsUp")
+        groups = []
+        for stem in files:
+            stem = str(stem).removesuffix(".json")
+            path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
+            try:
+                items = json.loads(path.read_text())
+                groups += [GroupFiles((self.root / item["image_path"],), tuple(item["caption_options"]), stem, stem)
+                           for item in items]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path} is not What'sUp's layout ({error!r}): expected a JSON list of "
+                                 "{image_path, caption_options}") from error
+        super().__init__(groups, "whatsup", image_size, batch_size, num_workers)
