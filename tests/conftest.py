@@ -111,6 +111,58 @@ def cifar10_c_tree(root: Path, corruptions: Sequence[str], per_severity: int = 4
     return root
 
 
+def winoground_tree(root: Path, n: int = 3) -> Path:
+    """A Winoground copy: ``examples.jsonl`` + ``images/ex_<i>_img_<j>.png``."""
+    lines = []
+    for i in range(n):
+        for j in range(2):
+            save_image(root / "images" / f"ex_{i}_img_{j}.png", size=(12, 10), seed=10 * i + j)
+        lines.append(json.dumps({"id": i, "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1",
+                                 "caption_0": f"a mug left of a cat {i}", "caption_1": f"a cat left of a mug {i}",
+                                 "tag": ["Object", "Relation"][i % 2]}))
+    (root / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def mmvp_vlm_tree(root: Path, pairs: int = 2) -> Path:
+    """An MMVP-VLM copy: ``Questions.csv`` + ``MLLM_VLM Images/<Type>/<id>.jpg``, consecutive rows paired."""
+    rows = ["Question ID,Type,Statement"]
+    for p in range(pairs):
+        kind = ["Orientation and Direction", "Color and Appearance"][p % 2]
+        for j in range(2):
+            qid = 2 * p + j + 1
+            save_image(root / "MLLM_VLM Images" / kind / f"{qid}.jpg", size=(12, 10), seed=qid)
+            rows.append(f'{qid},{kind},"The dog is facing {["left", "right"][j]}, pair {p}"')
+    (root / "Questions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def sugarcrepe_tree(root: Path, files: Sequence[str] = ("replace_rel", "swap_att"), n: int = 2) -> Path:
+    """A SugarCrepe copy: ``<file>.json`` per kind over ``val2017/<filename>``."""
+    for f, stem in enumerate(files):
+        items = {}
+        for i in range(n):
+            name = f"{stem}_{i:012d}.jpg"
+            save_image(root / "val2017" / name, size=(12, 10), seed=10 * f + i)
+            items[str(i)] = {"filename": name, "caption": f"a dog on a sofa {i}", "negative_caption": f"a sofa on a dog {i}"}
+        (root / f"{stem}.json").write_text(json.dumps(items))
+    return root
+
+
+def whatsup_tree(root: Path, files: Sequence[str] = ("controlled_images_dataset",), n: int = 2,
+                 options: int = 4) -> Path:
+    """A What'sUp copy: ``<file>.json`` lists ``{image_path, caption_options}`` (correct first)."""
+    for f, stem in enumerate(files):
+        items = []
+        for i in range(n):
+            path = f"data/{stem}/img_{i}.jpeg"
+            save_image(root / path, size=(12, 10), seed=10 * f + i)
+            relations = ["on", "under", "left of", "right of"][:options]
+            items.append({"image_path": path, "caption_options": [f"a mug {r} a table" for r in relations]})
+        (root / f"{stem}.json").write_text(json.dumps(items))
+    return root
+
+
 def fake_data_overrides(data: DictConfig, tmp_path: Path, image_tree: Path) -> list[str]:
     """Overrides that point a data config whose ``root`` is mandatory at a small fake tree of its layout."""
     from tta.datamodules.imagenet import imagenet_classes
@@ -128,6 +180,14 @@ def fake_data_overrides(data: DictConfig, tmp_path: Path, image_tree: Path) -> l
     elif target == "CIFAR10CDataModule":
         cifar10_c_tree(root, ["fog"])
         return [f"data.root={root}", "data.corruptions=[fog]"]
+    elif target == "WinogroundDataModule":
+        winoground_tree(root)
+    elif target == "MMVPVLMDataModule":
+        mmvp_vlm_tree(root)
+    elif target == "SugarCrepeDataModule":
+        sugarcrepe_tree(root, data.files)
+    elif target == "WhatsUpDataModule":
+        whatsup_tree(root, data.files)
     elif target == "FineGrainedDataModule":
         split_tree(root, data.dataset, data.split)
     else:

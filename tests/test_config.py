@@ -62,7 +62,9 @@ def instantiate_data(cfg: DictConfig, image_size: int = 64) -> pl.LightningDataM
             data_cfg.image_size = image_size
     datamodule = instantiate(data_cfg)
     assert isinstance(datamodule, pl.LightningDataModule)
-    assert list(datamodule.class_names) and list(datamodule.domains)
+    # group datamodules (tta.datamodules.compositional) have kinds instead of classes
+    assert list(datamodule.class_names) or list(datamodule.kinds)
+    assert list(datamodule.domains)
     assert isinstance(datamodule.name, str)
     return datamodule
 
