@@ -160,10 +160,11 @@ class EpisodicTTA(TTACallback):
 class SetTTA(pl.Callback):
     """Base of set-level TTA callbacks (TTM): the method sees the whole prediction set first.
 
-    No prediction is final before :meth:`fit` ends: at ``on_predict_start`` the base iterates the
-    trainer's predict dataloaders once (batches moved to the module's device, outside inference
-    mode, with gradients enabled) and hands them to :meth:`fit`; ``predict`` then runs as usual
-    over the same dataloaders, seeing whatever :meth:`fit` changed (an adapted copy of the model,
+    No prediction is final before :meth:`fit` ends: at ``on_predict_start`` the base reads the
+    whole prediction set once (the datamodule's ``whole_set_dataloader()`` where it has one, so
+    that every DDP rank and a resumed run see every sample; else the trainer's predict
+    dataloaders), moves the batches to the module's device and hands them to :meth:`fit`
+    outside inference mode, with gradients enabled; ``predict`` then runs as usual, seeing whatever :meth:`fit` changed (an adapted copy of the model,
     swapped in by the subclass and swapped back in :meth:`restore`, which runs at
     ``on_predict_end`` and on exceptions).
     """
@@ -172,7 +173,8 @@ class SetTTA(pl.Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaders = trainer.predict_dataloaders
+        whole_set = getattr(trainer.datamodule, "whole_set_dataloader", None)
+        loaders = [whole_set()] if whole_set is not None else trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         with torch.inference_mode(False), torch.enable_grad():
             batches = [move_data_to_device(batch, pl_module.device) for loader in loaders for batch in loader]

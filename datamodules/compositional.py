@@ -11,9 +11,11 @@ The group batch contract: every ``predict_dataloader`` yields dicts
 - ``domain``: list of ``B`` str (a shift of the offline world, or the benchmark / file name);
 - ``kind``: list of ``B`` str, what the captions differ by (a swap kind, a tag, a file name).
 
+- ``skipped_images``: int, groups of the batch left out because an image failed to decode.
+
 Every batch of one datamodule has the same ``m`` and ``k``. File readers check the layout and
 that every listed image exists when they are built (so a wrong path fails before a model
-loads); a group with an image that fails to decode is skipped and counted in ``skipped_images``.
+loads).
 Each datamodule exposes ``domains``, ``kinds``, ``name`` and ``image_size``; ``class_names``
 is empty (these are not classification sets).
 """
@@ -22,13 +24,12 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -36,44 +37,32 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from tta.datamodules.folder import image_transform
+from tta.datamodules.streams import StreamDataModule
 from tta.world import DOMAINS, check_domain
 from tta.world.groups import SWAP_KINDS, check_swap_kind, render_groups
 
 
 def collate_groups(groups: list[dict | None], image_size: int) -> dict[str, Any]:
-    """Stack the groups that decoded (``None`` marks one that did not); ``skipped`` counts the others."""
+    """Stack the groups that decoded (``None`` marks one that did not); ``skipped_images`` counts
+    the groups left out (the prediction writer sums them into ``metrics.json``)."""
     kept = [g for g in groups if g is not None]
-    batch = {
+    return {
         "images": torch.stack([g["images"] for g in kept]) if kept else torch.zeros(0, 1, 3, image_size, image_size),
         "captions": [list(g["captions"]) for g in kept],
         "index": torch.tensor([g["index"] for g in kept], dtype=torch.long),
         "domain": [g["domain"] for g in kept],
         "kind": [g["kind"] for g in kept],
+        "skipped_images": len(groups) - len(kept),
     }
-    batch["skipped"] = len(groups) - len(kept)
-    return batch
 
 
-class GroupLoader(DataLoader):
-    """A DataLoader over :func:`collate_groups` batches that hands each batch's ``skipped`` count
-    to ``on_skipped``, so the batches it yields are exactly the contract. ``on_start`` runs at the
-    start of every pass (a set-level method such as TTM reads the set once before predicting)."""
+class GroupDataModule(StreamDataModule):
+    """Base of the group datamodules: a dataset of groups read in index order.
 
-    def __init__(self, *args: Any, on_skipped: Callable[[int], None], on_start: Callable[[], None],
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_skipped, self.on_start = on_skipped, on_start
-
-    @override
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.on_start()
-        for batch in super().__iter__():
-            self.on_skipped(batch.pop("skipped"))
-            yield batch
-
-
-class GroupDataModule(pl.LightningDataModule):
-    """Base of the group datamodules: a dataset of groups, in index order, batched by the contract."""
+    Built on :class:`~tta.datamodules.streams.StreamDataModule` (whole batches dealt to DDP
+    ranks, resumable); :meth:`whole_set_dataloader` reads every group whatever the rank or
+    resume point, for set-level methods (TTM) that must see the whole prediction set.
+    """
 
     class_names: list[str] = []
 
@@ -85,8 +74,8 @@ class GroupDataModule(pl.LightningDataModule):
                              f"{image_size}, {num_workers}: fix data.batch_size / image_size / num_workers")
         self.name, self.domains, self.kinds = name, list(domains), list(kinds)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
-        self.skipped_images = 0
         self.dataset: Dataset | None = None
+        self.order: torch.Tensor | None = None
 
     def build_dataset(self) -> Dataset:
         """The dataset of groups: item ``i`` is a dict of the contract for one group, or ``None``."""
@@ -96,19 +85,19 @@ class GroupDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.dataset is None:
             self.dataset = self.build_dataset()
+            self.order = torch.arange(len(self.dataset))
 
     @override
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
-        return GroupLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                           collate_fn=partial(collate_groups, image_size=self.image_size),
-                           on_skipped=self._count_skipped, on_start=self._reset_skipped)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
+                          num_workers=self.num_workers, collate_fn=partial(collate_groups, image_size=self.image_size))
 
-    def _count_skipped(self, n: int) -> None:
-        self.skipped_images += n
-
-    def _reset_skipped(self) -> None:
-        self.skipped_images = 0
+    def whole_set_dataloader(self) -> DataLoader:
+        """Every group of the prediction set in index order (no rank split, no resume)."""
+        self.setup("predict")
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=partial(collate_groups, image_size=self.image_size))
 
 
 class _TensorGroups(Dataset):

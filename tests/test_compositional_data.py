@@ -158,6 +158,7 @@ def test_a_group_that_fails_to_decode_is_skipped_and_counted(tmp_path):
     root = winoground_tree(tmp_path)
     (root / "images" / "ex_2_img_1.png").write_bytes(b"not an image")
     datamodule = WinogroundDataModule(root, image_size=16, batch_size=8)
-    for _ in range(2):  # a set-level method reads the set once before predicting: counts do not add up
-        (batch,) = batches(datamodule)
-        assert batch["index"].tolist() == [0, 1] and datamodule.skipped_images == 1
+    (batch,) = batches(datamodule)
+    assert batch["index"].tolist() == [0, 1] and batch["skipped_images"] == 1
+    (whole,) = list(datamodule.whole_set_dataloader())
+    assert whole["index"].tolist() == [0, 1]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_vlm
-from tta.callbacks import TTM
+from tta.callbacks import TTM, PredictionWriter
+from tta.callbacks.writer import read_rows
 from tta.datamodules import WorldDataModule, WorldGroupsDataModule
 from tta.methods.ttm import (TestTimeMatching, TTMSchedule, contrastive_loss, hungarian_labels, select_choice_labels,
                              select_group_labels)
@@ -166,11 +168,12 @@ def test_bad_groups_are_named(groups):
 
 # --- the callback -------------------------------------------------------------------------------
 
-def predict(vlm, callback, **data):
+def predict(vlm, callbacks, **data):
     datamodule = WorldGroupsDataModule(kinds=["colour", "shape"], domains=["clean", "noise@1"], n_per_cell=3,
                                        image_size=vlm.image_size[0], batch_size=4, **data)
     module = GroupScorer(vlm)
-    trainer = pl.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False,
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    trainer = pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu")
     return module, trainer.predict(module, datamodule=datamodule)
 
@@ -195,6 +198,19 @@ def test_callback_end_to_end_leaves_the_users_model_unchanged():
     assert summary["n"] == 12 and set(summary["domains"]) == {"clean", "noise@1"}
     assert set(summary["kinds"]) == {"colour", "shape"}
     assert 0 <= summary["group_score_zs"] <= 1
+
+
+def test_callback_with_the_prediction_writer(tmp_path):
+    vlm = make_tiny_vlm("tta-tiny-clip")
+    writer = PredictionWriter(tmp_path, seed=0)
+    predict(vlm, [TTM(rounds=2, epochs=1, groups_per_batch=4, lr=1e-3), writer])
+    rows = read_rows(tmp_path / "predictions.csv")
+    assert len(rows) == 12 and rows[0]["shape"] == "2x2" and rows[0]["group_score_zs"] in ("0", "1")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "ttm" and metrics["n"] == 12 and metrics["adapt_ms_per_sample"] > 0
+    assert {"text_score", "image_score", "group_score", "group_match", "group_score_zs"} <= set(metrics)
+    assert set(metrics["domains"]) == {"clean", "noise@1"} and "group_match_zs" in metrics["domains"]["clean"]
+    assert metrics["group_score"] == pytest.approx(sum(int(r["group_score"]) for r in rows) / 12)
 
 
 def test_callback_same_seed_same_predictions():

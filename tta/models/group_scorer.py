@@ -135,3 +135,8 @@ class GroupScorer(pl.LightningModule):
         result["kinds"] = {k: summary([r for r in rows if r["kind"] == k])
                            for k in dict.fromkeys(r["kind"] for r in rows)}
         return result
+
+    def progress_values(self, row: dict[str, str]) -> dict[str, float | None]:
+        """Running GroupScore on the progress bar (the text score of 1 x k items)."""
+        value = row.get("group_score") or row.get("text_score")
+        return {"group": float(value) if value not in (None, "") else None}
