@@ -17,6 +17,7 @@ The TTM schedule is the card's (``configs/experiment/ttm_world.yaml``): 10 round
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -105,15 +106,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--skip-shifted", action="store_true", help="only the clean composition")
+    parser.add_argument("--skip-sweep", action="store_true", help="no zero-shot composition sweep")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
     vlm = create_vlm("tta-world-clip")
     start = time.perf_counter()
     lines = [f"# TTM on the offline world's compositional groups (tta-world-clip, CPU, {args.threads} thread(s))",
-             "", f"`python benchmarks/ttm_world.py --threads {args.threads}`; groups of seed {args.seed}.", "",
-             f"## Zero-shot GroupScore / GroupMatch (%) per swap kind and domain, {args.sweep_n} groups a cell", ""]
-    lines += sweep(vlm, args.sweep_n, args.seed)
+             "", f"`python benchmarks/ttm_world.py {' '.join(sys.argv[1:])}`; groups of seed {args.seed}.", ""]
+    if not args.skip_sweep:
+        lines += [f"## Zero-shot GroupScore / GroupMatch (%) per swap kind and domain, {args.sweep_n} groups a cell",
+                  "", *sweep(vlm, args.sweep_n, args.seed)]
     print("\n".join(lines), flush=True)
     sets = [("colour and shape swaps, clean", ["clean"], args.n_per_cell)]
     if not args.skip_shifted:

@@ -21,7 +21,8 @@ class TTM(SetTTA):
     read once and TTM's rounds run on a deep copy of the module's ``vlm``; the copy is swapped in
     for the prediction and the user's model is swapped back at ``on_predict_end`` (unchanged).
     The output dict of every batch gains ``scores_zs`` (the unadapted scores, from the first
-    round's scoring) and ``adapt_ms`` (each group's share of the whole fit's wall time); the
+    round's scoring) and ``adapt_ms`` (each group's share of the whole fit's wall time: the fit
+    runs before the first batch, so the writer's per-batch ``ms`` does not include it); the
     rounds' logs (threshold, pseudo-labels, their precision, steps, loss, seconds) are kept in
     ``ttm_rounds``.
 
