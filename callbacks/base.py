@@ -164,8 +164,9 @@ class SetTTA(pl.Callback):
     whole prediction set once (the datamodule's ``whole_set_dataloader()`` where it has one, so
     that every DDP rank and a resumed run see every sample; else the trainer's predict
     dataloaders), moves the batches to the module's device and hands them to :meth:`fit`
-    outside inference mode, with gradients enabled; ``predict`` then runs as usual, seeing whatever :meth:`fit` changed (an adapted copy of the model,
-    swapped in by the subclass and swapped back in :meth:`restore`, which runs at
+    outside inference mode, with gradients enabled; ``predict`` then runs as usual, seeing
+    whatever :meth:`fit` changed (an adapted copy of the model, swapped in by the subclass and
+    swapped back in :meth:`restore`, which runs at
     ``on_predict_end`` and on exceptions).
     """
 

@@ -144,7 +144,8 @@ def sugarcrepe_tree(root: Path, files: Sequence[str] = ("replace_rel", "swap_att
         for i in range(n):
             name = f"{stem}_{i:012d}.jpg"
             save_image(root / "val2017" / name, size=(12, 10), seed=10 * f + i)
-            items[str(i)] = {"filename": name, "caption": f"a dog on a sofa {i}", "negative_caption": f"a sofa on a dog {i}"}
+            items[str(i)] = {"filename": name, "caption": f"a dog on a sofa {i}",
+                             "negative_caption": f"a sofa on a dog {i}"}
         (root / f"{stem}.json").write_text(json.dumps(items))
     return root
 

@@ -48,7 +48,8 @@ def test_world_group_captions_differ_by_the_swap_alone(kind):
 
 
 def test_world_groups_same_scenes_in_every_domain():
-    clean, texture = render_groups("colour", 5, seed=2), render_groups("colour", 5, seed=2, domain="texture", severity=3)
+    clean = render_groups("colour", 5, seed=2)
+    texture = render_groups("colour", 5, seed=2, domain="texture", severity=3)
     assert clean.captions == texture.captions and not torch.equal(clean.images, texture.images)
     assert torch.equal(render_groups("colour", 5, seed=2).images, clean.images)
 

@@ -36,14 +36,14 @@ def group_rows(scores: torch.Tensor, prefix: str = "") -> list[dict[str, Any]]:
         correct = multiple_choice_correct(scores[:, 0])
         others = scores[:, 0, 1:].amax(1)
         return [{f"{prefix}text_score": int(c), f"{prefix}image_score": None, f"{prefix}group_score": None,
-                 f"{prefix}group_match": None, f"{prefix}margin": float(m)}
+                 f"{prefix}group_match": None, f"{prefix}margin": f"{m:.4f}"}
                 for c, m in zip(correct.tolist(), (scores[:, 0, 0] - others).tolist())]
     values = {"text_score": text_score(scores), "image_score": image_score(scores),
               "group_score": group_score(scores)}
     margin = group_match_margin(scores)
     values["group_match"] = margin > 0
-    return [{**{f"{prefix}{name}": int(v[i]) for name, v in values.items()}, f"{prefix}margin": float(margin[i])}
-            for i in range(len(scores))]
+    return [{**{f"{prefix}{name}": int(v[i]) for name, v in values.items()},
+             f"{prefix}margin": f"{float(margin[i]):.4f}"} for i in range(len(scores))]
 
 
 def _mean(rows: list[dict[str, str]], column: str) -> float | None:
