@@ -166,8 +166,7 @@ class SetTTA(pl.Callback):
     dataloaders), moves the batches to the module's device and hands them to :meth:`fit`
     outside inference mode, with gradients enabled; ``predict`` then runs as usual, seeing
     whatever :meth:`fit` changed (an adapted copy of the model, swapped in by the subclass and
-    swapped back in :meth:`restore`, which runs at
-    ``on_predict_end`` and on exceptions).
+    swapped back in :meth:`restore`, which runs at ``on_predict_end`` and on exceptions).
     """
 
     method_name = "set"
