@@ -2,10 +2,12 @@
 
 from tta.callbacks.base import EpisodicTTA, SetTTA, TTACallback
 from tta.callbacks.lame import LAME
+from tta.callbacks.progress import TTAProgressBar
 from tta.callbacks.sts import STS
 from tta.callbacks.tpt import TPT
 from tta.callbacks.ttm import TTM
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "SetTTA", "TTACallback", "TTM", "ViewAverage"]
+__all__ = ["LAME", "STS", "TPT", "TTM", "EpisodicTTA", "PredictionWriter", "SetTTA", "TTACallback", "TTAProgressBar",
+           "ViewAverage"]
