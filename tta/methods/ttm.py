@@ -186,7 +186,6 @@ class TestTimeMatching:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.vlm = copy.deepcopy(vlm).eval()
-        self.vlm.requires_grad_(True)
         self.schedule, self.seed, self.encode_batch_size = schedule, int(seed), int(encode_batch_size)
         self.loss = ("sigmoid" if vlm.logit_bias is not None else "infonce") if loss == "auto" else loss
         self.optimizer = torch.optim.AdamW(
@@ -248,6 +247,7 @@ class TestTimeMatching:
 
     def _run(self, select) -> list[RoundLog]:
         generator = torch.Generator().manual_seed(self.seed)
+        self.vlm.requires_grad_(True)
         for t in range(self.schedule.rounds):
             start = time.perf_counter()
             tau = self.schedule.tau(t)
