@@ -65,3 +65,13 @@ def test_shipped_model_is_small():
     weights = Path(__file__).parents[1] / "tta/assets/tta-world-clip/open_clip_model.safetensors"
     assert SHIPPED_MODELS["tta-world-clip"] == weights.parent.resolve()
     assert weights.stat().st_size <= 16_000_000
+
+
+def test_sigmoid_recipe_trains_the_siglip_style_twin(tmp_path):
+    model, log = train(steps=2, batch_size=8, log_every=0, loss="sigmoid")
+    assert log["loss"] == "sigmoid" and math.isfinite(log["final_loss"])
+    assert model.logit_bias is not None and float(model.logit_bias) != -10.0  # trained, from SigLIP's init
+    vlm = create_vlm(f"local-dir:{save_local_dir(model, tmp_path / 'model', 'tta-tiny-resnet-sigmoid')}")
+    assert vlm.logit_bias is not None
+    with pytest.raises(ValueError, match="loss"):
+        train(steps=1, batch_size=4, loss="hinge")

@@ -1,12 +1,15 @@
 """Recipe: train the tiny CLIP of the offline world and ship it as an open_clip ``local-dir``.
 
     python -m tta.world.train_clip --out tta/assets/tta-world-clip
+    python -m tta.world.train_clip --out tta/assets/tta-world-sigmoid --loss sigmoid
 
 Seeded end to end (scenes, initialisation, batch order). Every step draws a fresh batch of
 clean scenes (75% one object, 25% two objects with a relation) with captions from seven
 templates, and minimises the symmetric InfoNCE loss with soft targets: captions that describe
 the same scene content (same class, or same pair and relation) are positives of each other,
-so the many same-class pairs of a 256 batch are not pushed apart. A ResNet image tower learns
+so the many same-class pairs of a 256 batch are not pushed apart. ``--loss sigmoid`` trains the
+SigLIP-style twin instead (same towers plus a learned logit bias, SigLIP's pairwise sigmoid
+loss with the same soft positives). A ResNet image tower learns
 shapes on two CPU cores in minutes, a tiny ViT does not. Weights are stored in fp16 (the
 49408-row token embedding dominates the size); the shipped model is evaluated after reloading,
 so the reported accuracy is that of the file. Run it with ``--help`` for the settings.
@@ -29,6 +32,9 @@ from tta.models.factory import MODEL_CONFIG_DIR, register_model_configs
 from tta.world.scenes import Scenes, render_pairs, render_single
 
 ARCHITECTURE = "tta-tiny-clip"
+#: Architecture per loss: the CLIP-style model (InfoNCE) and the SigLIP-style one (sigmoid loss,
+#: learned logit bias; same towers).
+ARCHITECTURES = {"infonce": ARCHITECTURE, "sigmoid": "tta-tiny-resnet-sigmoid"}
 
 
 def make_batch(step: int, seed: int, batch_size: int, pair_fraction: float) -> Scenes:
@@ -55,14 +61,27 @@ def soft_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, lo
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def soft_sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                      logit_bias: torch.Tensor, canonical: list[str]) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss where every caption with the same content is a positive."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(canonical))}
+    content = torch.tensor([ids[c] for c in canonical])
+    signs = 2 * (content[:, None] == content[None, :]).float() - 1
+    logits = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    return -F.logsigmoid(signs * (logits + logit_bias)).sum() / len(logits)
+
+
 def train(steps: int = 350, batch_size: int = 256, lr: float = 2e-3, weight_decay: float = 0.1,
           warmup: int = 20, pair_fraction: float = 0.25, seed: int = 0, log_every: int = 25,
-          ) -> tuple[torch.nn.Module, dict]:
-    """Train from scratch; returns the model (eval mode) and the run's log."""
+          loss: str = "infonce") -> tuple[torch.nn.Module, dict]:
+    """Train from scratch with the ``loss`` ("infonce": CLIP-style, "sigmoid": SigLIP-style, on
+    the ``ARCHITECTURES[loss]`` towers); returns the model (eval mode) and the run's log."""
+    if loss not in ARCHITECTURES:
+        raise ValueError(f"loss must be one of {list(ARCHITECTURES)}, got {loss!r}")
     register_model_configs()
     torch.manual_seed(seed)
-    model = open_clip.create_model(ARCHITECTURE)
-    tokenizer = open_clip.get_tokenizer(ARCHITECTURE)
+    model = open_clip.create_model(ARCHITECTURES[loss])
+    tokenizer = open_clip.get_tokenizer(ARCHITECTURES[loss])
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -81,27 +100,31 @@ def train(steps: int = 350, batch_size: int = 256, lr: float = 2e-3, weight_deca
         batch = make_batch(step, seed, batch_size, pair_fraction)
         image_features = model.encode_image((batch.images - mean) / std)
         text_features = model.encode_text(tokenizer(batch.captions))
-        loss = soft_clip_loss(image_features, text_features, model.logit_scale, batch.canonical)
+        if loss == "sigmoid":
+            value = soft_sigmoid_loss(image_features, text_features, model.logit_scale, model.logit_bias,
+                                      batch.canonical)
+        else:
+            value = soft_clip_loss(image_features, text_features, model.logit_scale, batch.canonical)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
+        losses.append(value.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  "
+            print(f"step {step:4d}  loss {value.item():.4f}  lr {lr_at(step):.2e}  "
                   f"{time.perf_counter() - start:6.1f}s", flush=True)
     model.eval()
     log = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-           "pair_fraction": pair_fraction, "seed": seed, "train_seconds": time.perf_counter() - start,
+           "pair_fraction": pair_fraction, "seed": seed, "loss": loss, "train_seconds": time.perf_counter() - start,
            "final_loss": sum(losses[-10:]) / len(losses[-10:])}
     return model, log
 
 
-def save_local_dir(model: torch.nn.Module, out_dir: Path) -> Path:
+def save_local_dir(model: torch.nn.Module, out_dir: Path, architecture: str = ARCHITECTURE) -> Path:
     """Write ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = json.loads((MODEL_CONFIG_DIR / f"{ARCHITECTURE}.json").read_text())
+    model_cfg = json.loads((MODEL_CONFIG_DIR / f"{architecture}.json").read_text())
     preprocess = dict(model.visual.preprocess_cfg)
     config = {"model_cfg": model_cfg, "preprocess_cfg": {k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "resize_mode")}}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -119,11 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", choices=sorted(ARCHITECTURES), default="infonce",
+                        help="infonce: the CLIP-style model; sigmoid: the SigLIP-style one (logit bias)")
     parser.add_argument("--eval-n", type=int, default=1000, help="scenes per domain for the accuracy table")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, log = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    save_local_dir(model, args.out)
+    model, log = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, loss=args.loss)
+    save_local_dir(model, args.out, ARCHITECTURES[args.loss])
     from tta.world.evaluate import accuracy_table  # evaluates the saved file, not the live model
 
     log["accuracy_severity_3"] = accuracy_table(f"local-dir:{args.out}", n=args.eval_n, severities=(3,))
