@@ -100,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ttm_world.md")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="tta-world-clip", help="a world model (TTM's loss follows it: "
+                        "InfoNCE for tta-world-clip, sigmoid for a model with a logit bias)")
     parser.add_argument("--sweep-n", type=int, default=200)
     parser.add_argument("--n-per-cell", type=int, default=150, help="groups per kind and domain for TTM")
     parser.add_argument("--seed", type=int, default=10_000)
@@ -110,9 +112,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
-    vlm = create_vlm("tta-world-clip")
+    vlm = create_vlm(args.model)
     start = time.perf_counter()
-    lines = [f"# TTM on the offline world's compositional groups (tta-world-clip, CPU, {args.threads} thread(s))",
+    lines = [f"# TTM on the offline world's compositional groups ({args.model}, CPU, {args.threads} thread(s))",
              "", f"`python benchmarks/ttm_world.py {' '.join(sys.argv[1:])}`; groups of seed {args.seed}.", ""]
     if not args.skip_sweep:
         lines += [f"## Zero-shot GroupScore / GroupMatch (%) per swap kind and domain, {args.sweep_n} groups a cell",
