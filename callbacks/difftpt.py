@@ -26,7 +26,7 @@ class DiffTPT(EpisodicTTA):
     Diffusion views come from ``generator`` (:class:`tta.augment.diffusion.DiffusionViewGenerator`),
     loaded on the module's device when prediction starts, seeded per sample like the
     conventional views, resized (bilinear, antialiased) to the model's input size. With
-    ``pregenerate`` the generator first walks the predict dataloaders and fills its cache, as the
+    ``pregenerate`` the generator first walks the datamodule's predict dataloader and fills its cache, as the
     reference generates all views ahead of adaptation: the ``adapt_ms`` of the samples then
     excludes generation (its time is in ``generation_s``); otherwise views are generated (or read
     from the cache) inline, and ``adapt_ms`` includes them.
@@ -63,11 +63,15 @@ class DiffTPT(EpisodicTTA):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_predict_start(trainer, pl_module)
         if self.pregenerate:
+            # a fresh loader: iterating the trainer's own one would advance the loop's batch sampler
+            if trainer.datamodule is None:
+                raise ValueError("pregenerate walks the datamodule's predict_dataloader(): call "
+                                 "trainer.predict(module, datamodule=...), or fill the cache yourself with "
+                                 "generator.fill_cache(batches, sample_seed) and pregenerate=False")
             start = time.perf_counter()
             with torch.inference_mode(False):
-                for loader in trainer.predict_dataloaders if isinstance(trainer.predict_dataloaders, list) \
-                        else [trainer.predict_dataloaders]:
-                    self.generator.fill_cache(loader, lambda i: sample_seed(self._run_seed, i), pl_module.device)
+                self.generator.fill_cache(trainer.datamodule.predict_dataloader(),
+                                          lambda i: sample_seed(self._run_seed, i), pl_module.device)
             self.generation_s = time.perf_counter() - start
 
     @override

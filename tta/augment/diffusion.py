@@ -178,7 +178,7 @@ class DiffusionViewGenerator:
             revision = None if self.local_folder is not None else self.revision
             try:
                 pipeline = StableDiffusionImageVariationPipeline.from_pretrained(
-                    source, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+                    source, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False)
             except OSError as error:
                 raise OSError(f"could not load the image-variation pipeline {source!r} (revision {revision}): "
                               f"{error}. Without internet, download it once elsewhere, save it with "

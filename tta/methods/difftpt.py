@@ -37,7 +37,7 @@ def cosine_filter(view_features: torch.Tensor, n_conventional: int, fraction: fl
 
     ``view_features``: ``B x V x D`` normalised features, view 0 the original, views
     ``1..n_conventional`` conventional, the rest diffusion views. ``logits`` (``B x V x C``, the
-    initial prompt's) are needed by the ``"logits"`` reading. Ties keep the lower index.
+    initial prompt's) are needed by the ``"logits"`` reading.
     """
     if reading not in COSINE_READINGS:
         raise ValueError(f"reading must be one of {COSINE_READINGS}, got {reading!r}")
