@@ -18,7 +18,8 @@ Weights (``pretrained``):
 Randomness and cache. View ``j`` of a sample whose seed is ``s`` (the per-sample seed the TTA
 callbacks give, :func:`tta.callbacks.base.sample_seed`) starts from latents drawn on the CPU by
 its own generator, seeded from ``(s, j)``: a sample's views do not depend on the batch it is in
-or on the device. With ``cache_dir`` set, each image's views are stored in one safetensors file
+or on the device, up to floating-point rounding (batched convolutions may round differently; one
+uint8 level was seen on the CPU), and the cache fixes them at their first generation. With ``cache_dir`` set, each image's views are stored in one safetensors file
 named by a SHA-256 over the image's bytes (the raw float32 tensor given to :meth:`views`), the
 sample seed, the model identity and every generation setting, written atomically (temporary file
 then rename). The stored tensor is uint8, and a fresh generation returns exactly the tensor it
