@@ -3,9 +3,11 @@
 from tta.callbacks.base import EpisodicTTA, TTACallback
 from tta.callbacks.difftpt import DiffTPT
 from tta.callbacks.lame import LAME
+from tta.callbacks.progress import TTAProgressBar
 from tta.callbacks.sts import STS
 from tta.callbacks.tpt import TPT
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "DiffTPT", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "TTACallback", "ViewAverage"]
+__all__ = ["LAME", "DiffTPT", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "TTACallback", "TTAProgressBar",
+           "ViewAverage"]
