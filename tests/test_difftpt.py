@@ -84,6 +84,7 @@ def test_a_local_folder_loads_and_its_files_are_part_of_the_key(tmp_path):
     key = local.settings()
     (folder / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text() + " ")
     assert local.settings() != key
+    assert local.settings("cuda")["dtype"] == "torch.float16" and key["dtype"] == "torch.float32"
 
 
 def test_fill_cache_pre_pass_then_prediction_reads_only(tmp_path, pipeline_calls):

@@ -26,8 +26,9 @@ then rename). The stored tensor is uint8, and a fresh generation returns exactly
 stores, so a later read is bit-identical to the first run. Model identity: hub id + revision; for
 a local folder, its resolved path + the name, size and modification time of every file in it
 (re-saving weights into the same folder invalidates the cache without hashing gigabytes); the
-tiny pipeline, its name and seed. The device is not part of the key (generation on another
-device or in another dtype is numerically different; the dtype is part of the key).
+tiny pipeline, its name and seed. The dtype the pipeline runs in is part of the key (``"auto"``
+resolved: float16 on CUDA, float32 elsewhere); the device otherwise is not (another GPU model
+may round differently, within the same dtype).
 """
 
 from __future__ import annotations
@@ -212,12 +213,13 @@ class DiffusionViewGenerator:
             return {"model": str(self.local_folder), "files": _folder_fingerprint(self.local_folder)}
         return {"model": self.pretrained, "revision": self.revision}
 
-    def settings(self) -> dict[str, Any]:
-        """Every setting a view depends on, besides the image, the seed and the device."""
+    def settings(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Every setting a view depends on, besides the image and the seed, for generation on ``device``
+        (the device type only picks the dtype of ``dtype="auto"``)."""
         return {"format": CACHE_FORMAT, **self.model_identity(), "n_views": self.n_views,
                 "guidance_scale": self.guidance_scale, "num_inference_steps": self.num_inference_steps,
                 "scheduler": self.scheduler, "height": self.height, "width": self.width,
-                "output_size": self.output_size, "dtype": self.dtype}
+                "output_size": self.output_size, "dtype": str(self.torch_dtype(torch.device(device)))}
 
     def cache_key(self, image: torch.Tensor, seed: int, settings: str) -> str:
         digest = hashlib.sha256(settings.encode())
@@ -260,7 +262,7 @@ class DiffusionViewGenerator:
         device = images.device
         if self.pipeline is None:
             self.load(device)
-        settings = json.dumps(self.settings(), sort_keys=True)
+        settings = json.dumps(self.settings(device), sort_keys=True)
         paths = [self.cache_path(self.cache_key(im, s, settings)) if self.cache_dir is not None else None
                  for im, s in zip(images, seeds)]
         out: list[torch.Tensor | None] = [self._read(p) if p is not None else None for p in paths]
