@@ -198,3 +198,12 @@ def test_pregenerate_fills_the_cache_before_adapting(world_module, tmp_path):
     predict(world_module, callback)
     assert callback.generator.n_generated == 4 * 3 and callback.generator.n_cached == 4
     assert callback.generation_s > 0
+
+
+def test_pregenerate_needs_a_datamodule(world_module, tmp_path):
+    data = WorldDataModule(domains=["blur"], n_per_domain=2, batch_size=2, seed=321)
+    data.setup("predict")
+    callback = DiffTPT(tiny_generator(tmp_path), n_views=4, pregenerate=True, seed=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
+    with pytest.raises(ValueError, match="datamodule"):
+        trainer.predict(world_module, dataloaders=data.predict_dataloader())
