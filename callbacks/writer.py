@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -60,13 +61,31 @@ class PredictionTask(Protocol):
     def progress_values(self, row: dict[str, str]) -> dict[str, float | None]: ...
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark, so that runs sharing a process (a multirun's jobs) each
+    report their own peak: the CUDA allocator's peak, or on Linux the process's peak resident
+    set size (``/proc/self/clear_refs``; elsewhere the peak stays the process's lifetime one)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated on the device since ``predict`` started. CPU: the process's peak
-    resident set size (a high-water mark over the process's life, libraries included)."""
+    """CUDA: peak allocated on the device since :func:`reset_peak_memory`. CPU: the process's
+    peak resident set size (libraries and the model included) since the last reset on Linux,
+    over the process's life elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # KiB
+    except (OSError, AttributeError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
@@ -234,8 +253,7 @@ class PredictionWriter(pl.Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        reset_peak_memory(pl_module.device)
         self._pending = None
 
     @override

@@ -67,7 +67,8 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 
 def group_runs(runs: list[dict[str, Any]]) -> dict[Group, list[dict[str, Any]]]:
     groups: dict[Group, list[dict[str, Any]]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (severity(r) is None, severity(r) or 0)):
+    methods = list(dict.fromkeys(run["method"] for run in runs))  # rows by severity, then methods as first seen
+    for run in sorted(runs, key=lambda r: (severity(r) is None, severity(r) or 0, methods.index(r["method"]))):
         groups[(run["method"], run["model"], run["data"], severity(run))].append(run)
     return dict(groups)
 
