@@ -12,13 +12,17 @@ The batch contract: every ``predict_dataloader`` yields dicts
 Each datamodule exposes ``class_names`` (list of str), ``domains`` (list of str) and ``name``.
 The file-based ones (every one but the offline world) skip images that fail to decode and
 count them in ``skipped_images``.
+
+Search episodes (``WorldSearchDataModule``, ``EpisodeFolderDataModule``) have their own
+contract, one batch item per episode: see ``tta.datamodules.search``.
 """
 
 from tta.datamodules.corrupted import CIFAR10CDataModule, ImageNetCDataModule
 from tta.datamodules.fine_grained import FineGrainedDataModule
 from tta.datamodules.folder import ImageFilesDataModule, ImageFolderDataModule
 from tta.datamodules.imagenet import ImageNetDataModule, ImageNetV2DataModule
+from tta.datamodules.search import EpisodeFolderDataModule, WorldSearchDataModule
 from tta.datamodules.world import WorldDataModule
 
-__all__ = ["CIFAR10CDataModule", "FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
-           "ImageNetDataModule", "ImageNetV2DataModule", "WorldDataModule"]
+__all__ = ["CIFAR10CDataModule", "EpisodeFolderDataModule", "FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
+           "ImageNetDataModule", "ImageNetV2DataModule", "WorldDataModule", "WorldSearchDataModule"]

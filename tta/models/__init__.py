@@ -1,10 +1,11 @@
-"""Vision-language model wrapper, prompt learner, zero-shot and timm LightningModules, model factory."""
+"""Vision-language model wrapper, prompt learner, zero-shot, timm and search-episode LightningModules, model factory."""
 
 from tta.models.factory import SHIPPED_MODELS, create_vlm
 from tta.models.prompt import PromptLearner
+from tta.models.search_runner import SearchEpisodeRunner
 from tta.models.text_tower import TextTower
 from tta.models.timm_classifier import TimmClassifier
 from tta.models.vlm import VisionLanguageModel
 from tta.models.zero_shot import ZeroShotClassifier
 
-__all__ = ["SHIPPED_MODELS", "PromptLearner", "TextTower", "TimmClassifier", "VisionLanguageModel", "ZeroShotClassifier", "create_vlm"]
+__all__ = ["SHIPPED_MODELS", "PromptLearner", "SearchEpisodeRunner", "TextTower", "TimmClassifier", "VisionLanguageModel", "ZeroShotClassifier", "create_vlm"]
