@@ -1,22 +1,63 @@
-"""Write ``predictions.csv`` as batches finish and ``metrics.json`` at the end of ``predict``."""
+"""Write prediction rows as batches finish, resume a stopped run, gather DDP ranks, write metrics.
+
+Files in ``output_dir``:
+
+- ``predictions.csv``: one row per sample (per group, per episode: whatever the task's unit
+  is), the columns the LightningModule declares (``prediction_columns``); no timing, so the
+  same command with the same seed writes the same bytes;
+- ``timing.csv``: ``index, ms, adapt_ms`` in the same row order;
+- ``progress.json``: the batches written so far (rows per batch, file sizes), rewritten
+  atomically after every batch: what a rerun resumes from;
+- ``metrics.json``: at the end, from the rows.
+
+Under DDP each process writes its own part in ``parts/rank<r>of<W>/``; at the end rank 0
+merges the parts into ``predictions.csv``/``timing.csv`` in stream order, so the files and
+``metrics.json`` are those of a one-device run.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-from tta.metrics import summarize
+TIMING_COLUMNS = ("index", "ms", "adapt_ms")
+#: metrics.json keys that depend on the machine and the moment, not on the predictions.
+TIMING_KEYS = ("ms_per_sample", "adapt_ms_per_sample", "peak_mem_mb")
 
-COLUMNS = ("index", "domain", "label", "pred", "confidence", "pred_zs", "confidence_zs", "ms", "adapt_ms")
+
+@runtime_checkable
+class PredictionTask(Protocol):
+    """What a LightningModule provides for :class:`PredictionWriter` to write its predictions.
+
+    - ``prediction_columns``: the CSV columns, ``index`` and ``domain`` among them;
+    - ``prediction_rows(outputs)``: one row per batch item, from ``predict_step``'s output dict
+      as the TTA callbacks left it; values are written with ``str`` (``None`` as empty), so
+      format floats as they should be stored;
+    - ``summarize_predictions(rows)``: metrics from the rows as read back from the CSV (all
+      values ``str``): ``n``, the task's metrics, and ``domains`` (per domain ``n`` and metrics);
+    - ``progress_values(row)``: per row, the values whose running means the progress bar
+      shows (e.g. ``{"acc": 1.0}``; a missing or ``None`` value is not counted).
+    """
+
+    prediction_columns: Sequence[str]
+
+    def prediction_rows(self, outputs: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def summarize_predictions(self, rows: list[dict[str, str]]) -> dict[str, Any]: ...
+
+    def progress_values(self, row: dict[str, str]) -> dict[str, float | None]: ...
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -28,124 +69,296 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a ``predictions.csv`` or ``timing.csv``, values as written (``str``)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+class _Part:
+    """One process's ``predictions.csv`` + ``timing.csv`` + ``progress.json``, appended batch by batch."""
+
+    def __init__(self, directory: Path, columns: Sequence[str], run_key: str) -> None:
+        self.directory, self.columns, self.run_key = directory, tuple(columns), run_key
+        self.predictions = directory / "predictions.csv"
+        self.timing = directory / "timing.csv"
+        self.progress = directory / "progress.json"
+        self.batches: list[int] = []
+        self.skipped_images = 0  # images left out of the batches written (undecodable), all sessions
+
+    def open(self) -> int:
+        """Open for appending after the last complete batch; returns the number of batches done."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.progress.is_file():
+            state = json.loads(self.progress.read_text())
+            if state["run_key"] != self.run_key or tuple(state["columns"]) != self.columns:
+                raise ValueError(f"{self.directory} holds the results of a different run ({state['run_key']}): "
+                                 "rerun the same command to resume it, or write to an empty directory "
+                                 "(e.g. hydra.run.dir=<new dir>)")
+            self.batches = list(state["batches"])
+            self.skipped_images = int(state["skipped_images"])
+            # rows written after the last recorded batch belong to a batch that did not finish
+            for path, size in ((self.predictions, state["predictions_bytes"]), (self.timing, state["timing_bytes"])):
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+        else:
+            self.batches, self.skipped_images = [], 0
+            self.predictions.write_text(",".join(self.columns) + "\n")
+            self.timing.write_text(",".join(TIMING_COLUMNS) + "\n")
+            self._save()
+        self._predictions = open(self.predictions, "a", newline="")
+        self._timing = open(self.timing, "a", newline="")
+        return len(self.batches)
+
+    def append(self, rows: list[dict[str, Any]], timing: list[dict[str, Any]], skipped_images: int) -> None:
+        self._predictions.write(_csv_text(rows, self.columns))
+        self._timing.write(_csv_text(timing, TIMING_COLUMNS))
+        self._predictions.flush()
+        self._timing.flush()
+        self.batches.append(len(rows))
+        self.skipped_images += skipped_images
+        self._save()
+
+    def close(self) -> None:
+        self._predictions.close()
+        self._timing.close()
+
+    def _save(self) -> None:
+        _write_json_atomic(self.progress, {
+            "run_key": self.run_key, "columns": list(self.columns), "batches": self.batches,
+            "skipped_images": self.skipped_images,
+            "predictions_bytes": self.predictions.stat().st_size, "timing_bytes": self.timing.stat().st_size,
+        })
+
+
 class PredictionWriter(pl.Callback):
-    """One CSV row per sample, appended and flushed batch by batch; metrics at the end.
+    """Rows appended and flushed batch by batch; a rerun resumes; metrics at the end.
 
     Rows are written when the *next* batch starts (or ``predict`` ends), so every callback's
     changes to the batch's outputs are in, whatever the order of the callback list. ``ms`` is
     the batch's wall time per sample, from its start to the next batch's start (data loading,
     adaptation and prediction included, this writer's own I/O excluded); ``adapt_ms`` the
-    part of it spent in TTA callbacks (empty without one).
+    part of it spent in TTA callbacks (0 without one).
+
+    Resume: if ``output_dir`` holds an unfinished run with the same ``run_key``, the finished
+    batches are kept and the datamodule is asked to start after them
+    (``resume_from_batch``, see ``tta.datamodules.streams.StreamDataModule``); a finished run
+    is not predicted again. The final ``metrics.json`` equals an uninterrupted run's, timing
+    and memory (:data:`TIMING_KEYS`) aside.
 
     ``metrics.json`` holds ``method`` (the TTA callbacks' ``method_name`` joined by "+", or
-    "none"), ``model``, ``data``, ``seed``, ``n``, ``accuracy``, ``ece``, ``ms_per_sample``,
-    ``adapt_ms_per_sample``, ``peak_mem_mb``, ``skipped_images`` (images the datamodule could not
-    decode and left out; 0 for datamodules that do not count them) and ``domains`` (per domain ``n``, ``accuracy``, ``ece``).
+    "none"), ``model``, ``data``, ``seed``, the task's metrics (``summarize_predictions``:
+    for classifiers ``n``, ``accuracy``, ``ece``), ``ms_per_sample``, ``adapt_ms_per_sample``,
+    ``peak_mem_mb`` (the maximum over processes), ``skipped_images`` (images the datamodule
+    could not decode: the batches' ``skipped_images``, summed), ``run`` (``run_info``, e.g. the CLI's config)
+    and ``domains`` (per domain the task's metrics and ``ms_per_sample``).
+
+    Args:
+        output_dir: where the files go.
+        seed: the run seed, recorded in ``metrics.json``.
+        run_key: identifies the run for resuming (the CLI passes its resolved config); a
+            directory holding another run's rows is refused. ``None``: method, model, data
+            and seed.
+        run_info: plain data recorded as ``run`` in ``metrics.json``.
     """
 
-    def __init__(self, output_dir: str | Path = ".", seed: int | None = None) -> None:
+    def __init__(self, output_dir: str | Path = ".", seed: int | None = None, run_key: str | None = None,
+                 run_info: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.output_dir = Path(output_dir)
-        self.seed = seed
+        self.seed, self.run_key, self.run_info = seed, run_key, run_info
         self.metrics: dict[str, Any] | None = None
-        self._pending: tuple[dict, float] | None = None
-        self._file = None
-        self._writer = None
+        self.progress: dict[str, float] = {}
+        self._progress_sums: dict[str, list[float]] = {}
+        self._pending: tuple[dict[str, Any] | None, float, int] | None = None
+        self._part: _Part | None = None
+        self._rank, self._world_size = 0, 1
 
     @property
     def predictions_path(self) -> Path:
         return self.output_dir / "predictions.csv"
 
     @property
+    def timing_path(self) -> Path:
+        return self.output_dir / "timing.csv"
+
+    @property
     def metrics_path(self) -> Path:
         return self.output_dir / "metrics.json"
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        if not isinstance(pl_module, PredictionTask):
+            raise TypeError(f"PredictionWriter writes what the LightningModule declares: give "
+                            f"{type(pl_module).__name__} prediction_columns, prediction_rows, summarize_predictions "
+                            "and progress_values (see tta.callbacks.writer.PredictionTask)")
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._check_world_size()
+        directory = self.output_dir
+        if self._world_size > 1:
+            directory = self.output_dir / "parts" / f"rank{self._rank}of{self._world_size}"
+        self._part = _Part(directory, pl_module.prediction_columns, self._key(trainer, pl_module))
+        done = self._part.open()
+        self._progress_sums = {}
+        self._count_progress(pl_module, read_rows(self._part.predictions))
+        if done:
+            datamodule = trainer.datamodule
+            if not hasattr(datamodule, "resume_from_batch"):
+                raise ValueError(f"{self.output_dir} holds {done} finished batches but {type(datamodule).__name__} "
+                                 "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
+                                 "or write to an empty directory")
+            datamodule.resume_from_batch(done)
+
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._file = open(self.predictions_path, "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        self._writer.writeheader()
         self._pending = None
 
     @override
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                batch_idx: int, dataloader_idx: int = 0) -> None:
         now = time.perf_counter()
-        self._flush(now)
-        self._pending = (None, now)
+        self._flush(pl_module, now)
+        self._pending = (None, now, 0)
 
     @override
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                              batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._pending = (outputs, self._pending[1])
+        skipped = int(batch.get("skipped_images", 0)) if isinstance(batch, dict) else 0
+        self._pending = (outputs, self._pending[1], skipped)
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(time.perf_counter())
+        self._flush(pl_module, time.perf_counter())
 
     @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._file.close()
-        self.metrics = self._compute_metrics(trainer, pl_module)
-        self.metrics_path.write_text(json.dumps(self.metrics, indent=2) + "\n")
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # not on_predict_end: Lightning skips the predict hooks of a process with no batch left
+        # (a finished run, a resumed rank that was done), but every process reaches teardown
+        if stage != "predict" or self._part is None:
+            return
+        self._part.close()
+        part_skipped, self._part = self._part.skipped_images, None
+        strategy, device = trainer.strategy, trainer.strategy.root_device
+        peak = float(strategy.all_gather(torch.tensor(peak_memory_mb(device), device=device)).max())
+        skipped = int(strategy.all_gather(torch.tensor(part_skipped, device=device)).sum())
+        strategy.barrier("tta-prediction-writer")
+        if trainer.is_global_zero:
+            if self._world_size > 1:
+                self._merge_parts(pl_module.prediction_columns)
+            self.metrics = self._compute_metrics(trainer, pl_module, peak, skipped)
+            _write_json_atomic(self.metrics_path, self.metrics)
+        strategy.barrier("tta-prediction-writer-done")
 
-    def _flush(self, now: float) -> None:
+    def _key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        if self.run_key is not None:
+            return self.run_key
+        return json.dumps({"method": _method_name(trainer), "model": _model_name(pl_module),
+                           "data": _data_name(trainer), "seed": self.seed}, sort_keys=True)
+
+    def _check_world_size(self) -> None:
+        parts = self.output_dir / "parts"
+        other = [p.name for p in parts.glob("rank*of*") if not p.name.endswith(f"of{self._world_size}")] \
+            if parts.is_dir() else []
+        single = (self.output_dir / "progress.json").is_file() and not parts.is_dir()
+        if other or (single and self._world_size > 1):
+            found = other[0].split("of")[-1] if other else "1"
+            raise ValueError(f"{self.output_dir} holds a run on {found} process(es) but this one has "
+                             f"{self._world_size}: resume it with the same number of devices, or write to an "
+                             "empty directory")
+
+    def _flush(self, pl_module: pl.LightningModule, now: float) -> None:
         if self._pending is None or self._pending[0] is None:
             return
-        outputs, started = self._pending
+        outputs, started, skipped = self._pending
         self._pending = None
         n = len(outputs["index"])
-        if n == 0:  # every image of the batch failed to decode (counted by the datamodule)
-            return
-        ms = (now - started) * 1000 / n
-        probs = outputs["probs"].detach().float().cpu()
-        confidence, pred = probs.max(-1)
-        zs = outputs.get("probs_zs")
-        confidence_zs, pred_zs = zs.detach().float().cpu().max(-1) if zs is not None else (None, None)
+        # a batch whose images all failed to decode is recorded with 0 rows: it is done too
+        rows = pl_module.prediction_rows(outputs) if n else []
+        ms = (now - started) * 1000 / max(1, n)
         adapt_ms = outputs.get("adapt_ms")
-        for i in range(n):
-            self._writer.writerow({
-                "index": int(outputs["index"][i]), "domain": outputs["domain"][i],
-                "label": int(outputs["label"][i]), "pred": int(pred[i]),
-                "confidence": f"{confidence[i]:.6f}",
-                "pred_zs": "" if pred_zs is None else int(pred_zs[i]),
-                "confidence_zs": "" if confidence_zs is None else f"{confidence_zs[i]:.6f}",
-                "ms": f"{ms:.4f}",
-                "adapt_ms": "" if adapt_ms is None else f"{float(adapt_ms[i]):.4f}",
-            })
-        self._file.flush()
+        timing = [{"index": row["index"], "ms": f"{ms:.4f}",
+                   "adapt_ms": f"{float(adapt_ms[i]):.4f}" if adapt_ms is not None else f"{0.0:.4f}"}
+                  for i, row in enumerate(rows)]
+        self._part.append(rows, timing, skipped)
+        self._count_progress(pl_module, [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows])
 
-    def _compute_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        rows = read_predictions(self.predictions_path)
-        methods = [c.method_name for c in trainer.callbacks if hasattr(c, "method_name")]
-        datamodule = trainer.datamodule
-        metrics = {
-            "method": "+".join(methods) or "none",
-            "model": getattr(pl_module, "model_name", type(pl_module).__name__),
-            "data": getattr(datamodule, "name", type(datamodule).__name__),
-            "seed": self.seed,
-        }
-        metrics.update(summarize([r["pred"] for r in rows], [r["label"] for r in rows],
-                                 [r["confidence"] for r in rows], [r["domain"] for r in rows]))
-        metrics["ms_per_sample"] = sum(r["ms"] for r in rows) / max(1, len(rows))
-        metrics["adapt_ms_per_sample"] = sum(r["adapt_ms"] for r in rows) / max(1, len(rows))
-        metrics["peak_mem_mb"] = peak_memory_mb(pl_module.device)
-        metrics["skipped_images"] = int(getattr(datamodule, "skipped_images", 0))
-        domains = metrics.pop("domains")
+    def _count_progress(self, pl_module: pl.LightningModule, rows: list[dict[str, str]]) -> None:
+        for row in rows:
+            for name, value in pl_module.progress_values(row).items():
+                if value is not None:
+                    total = self._progress_sums.setdefault(name, [0.0, 0])
+                    total[0] += float(value)
+                    total[1] += 1
+        self.progress = {name: total / count for name, (total, count) in self._progress_sums.items() if count}
+
+    def _merge_parts(self, columns: Sequence[str]) -> None:
+        """Interleave the ranks' batches back into stream order (batch ``g`` came from rank ``g % W``)."""
+        parts = [self.output_dir / "parts" / f"rank{r}of{self._world_size}" for r in range(self._world_size)]
+        progress = [json.loads((p / "progress.json").read_text())["batches"] for p in parts]
+        for name, header in (("predictions.csv", columns), ("timing.csv", TIMING_COLUMNS)):
+            lines = []
+            for part in parts:
+                with open(part / name, newline="") as f:
+                    lines.append(f.read().splitlines(keepends=True)[1:])
+            merged, cursors = [",".join(header) + "\n"], [0] * self._world_size
+            for g in range(sum(len(b) for b in progress)):
+                rank, local = g % self._world_size, g // self._world_size
+                count = progress[rank][local]
+                merged += lines[rank][cursors[rank]:cursors[rank] + count]
+                cursors[rank] += count
+            temporary = self.output_dir / (name + ".tmp")
+            temporary.write_text("".join(merged))
+            os.replace(temporary, self.output_dir / name)
+
+    def _compute_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, peak_mem_mb: float,
+                         skipped_images: int) -> dict[str, Any]:
+        rows = read_rows(self.predictions_path)
+        ms = [float(r["ms"]) for r in read_rows(self.timing_path)]
+        adapt_ms = [float(r["adapt_ms"]) for r in read_rows(self.timing_path)]
+        metrics: dict[str, Any] = {"method": _method_name(trainer), "model": _model_name(pl_module),
+                                   "data": _data_name(trainer), "seed": self.seed}
+        summary = pl_module.summarize_predictions(rows)
+        domains = summary.pop("domains")
+        metrics.update(summary)
+        metrics["ms_per_sample"] = sum(ms) / max(1, len(ms))
+        metrics["adapt_ms_per_sample"] = sum(adapt_ms) / max(1, len(adapt_ms))
+        metrics["peak_mem_mb"] = peak_mem_mb
+        metrics["skipped_images"] = skipped_images
+        if self.run_info is not None:
+            metrics["run"] = self.run_info
         for name, values in domains.items():
-            picked = [r["ms"] for r in rows if r["domain"] == name]
-            values["ms_per_sample"] = sum(picked) / len(picked)
+            picked = [t for t, r in zip(ms, rows) if r["domain"] == name]
+            values["ms_per_sample"] = sum(picked) / max(1, len(picked))
         metrics["domains"] = domains
         return metrics
 
 
-def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``predictions.csv`` with numbers parsed."""
-    with open(path, newline="") as f:
-        return [{"index": int(r["index"]), "domain": r["domain"], "label": int(r["label"]),
-                 "pred": int(r["pred"]), "confidence": float(r["confidence"]), "ms": float(r["ms"]),
-                 "adapt_ms": float(r["adapt_ms"] or 0.0)}
-                for r in csv.DictReader(f)]
+def _method_name(trainer: pl.Trainer) -> str:
+    return "+".join(c.method_name for c in trainer.callbacks if hasattr(c, "method_name")) or "none"
+
+
+def _model_name(pl_module: pl.LightningModule) -> str:
+    return getattr(pl_module, "model_name", type(pl_module).__name__)
+
+
+def _data_name(trainer: pl.Trainer) -> str:
+    datamodule = trainer.datamodule
+    return getattr(datamodule, "name", type(datamodule).__name__)

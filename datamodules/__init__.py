@@ -10,8 +10,12 @@ The batch contract: every ``predict_dataloader`` yields dicts
 - ``domain``: list of ``B`` strings, the domain each sample comes from.
 
 Each datamodule exposes ``class_names`` (list of str), ``domains`` (list of str) and ``name``.
-The file-based ones (every one but the offline world) skip images that fail to decode and
-count them in ``skipped_images``.
+The file-based ones (every one but the offline world) leave out images that fail to decode
+and add ``skipped_images`` (int: how many of the batch were left out) to each batch.
+
+Every datamodule here reads its prediction set in a stream order through
+``streams.StreamDataModule``: under DDP the stream's batches are dealt whole to the ranks
+(batch ``g`` to rank ``g % world_size``), and a resumed run starts after its finished batches.
 
 Search episodes (``WorldSearchDataModule``, ``EpisodeFolderDataModule``) have their own
 contract, one batch item per episode: see ``tta.datamodules.search``.

@@ -15,14 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from typing_extensions import override
+from torch.utils.data import Dataset
 
 from tta.datamodules.folder import ImageFilesDataModule
-from tta.datamodules.streams import order_within_domains
+from tta.datamodules.streams import StreamDataModule, order_within_domains
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
 
 CORRUPTIONS = (
@@ -112,7 +110,7 @@ class ArrayImageDataset(Dataset):
         return {"image": image, "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
 
 
-class CIFAR10CDataModule(pl.LightningDataModule):
+class CIFAR10CDataModule(StreamDataModule):
     """CIFAR-10-C, pre-generated: ``root/<corruption>.npy`` (N x 32 x 32 x 3 uint8, the five
     severities one after the other, N/5 images each) and ``root/labels.npy``.
 
@@ -164,8 +162,3 @@ class CIFAR10CDataModule(pl.LightningDataModule):
                                           int(stream_seed), float(dirichlet_alpha), int(batch_size))
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)

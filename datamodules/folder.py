@@ -5,19 +5,18 @@ turns a list of ``(path, label, domain)`` samples into batches of the contract i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 from typing_extensions import override
 
-from tta.datamodules.streams import check_stream, order_within_domains
+from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
 from tta.models.vlm import check_class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -90,39 +89,23 @@ class ImageFilesDataset(Dataset):
 
 
 def collate_skipping(samples: list[dict | None], image_size: int) -> dict[str, Any]:
-    """The default collate over the samples that decoded, plus ``skipped`` (how many did not),
-    which :class:`SkippingDataLoader` removes before the batch leaves the loader. A batch
-    whose every image failed is an empty batch of the contract."""
+    """The default collate over the samples that decoded, plus ``skipped_images`` (how many of
+    the batch did not). A batch whose every image failed is an empty batch of the contract."""
     kept = [s for s in samples if s is not None]
     batch = default_collate(kept) if kept else {
         "image": torch.zeros(0, 3, image_size, image_size), "label": torch.zeros(0, dtype=torch.long),
         "index": torch.zeros(0, dtype=torch.long), "domain": []}
-    batch["skipped"] = len(samples) - len(kept)
+    batch["skipped_images"] = len(samples) - len(kept)
     return batch
 
 
-class SkippingDataLoader(DataLoader):
-    """A DataLoader over :func:`collate_skipping` batches: removes their ``skipped`` count,
-    passing it to ``on_skipped``, so the batches it yields are exactly the contract."""
-
-    def __init__(self, *args: Any, on_skipped: Callable[[int], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_skipped = on_skipped
-
-    @override
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in super().__iter__():
-            self.on_skipped(batch.pop("skipped"))
-            yield batch
-
-
-class ImageFilesDataModule(pl.LightningDataModule):
+class ImageFilesDataModule(StreamDataModule):
     """Base of the file-based datamodules: ``samples`` (path, label, domain) in the stream order.
 
     ``stream`` orders the samples within each domain, domains following each other in
     ``domains`` order (see ``tta.datamodules.streams``); samples keep their ``index``. Images
-    that fail to decode are skipped and counted in ``skipped_images`` (the prediction writer
-    puts the count into ``metrics.json``).
+    that fail to decode are left out of their batch and counted in its ``skipped_images``
+    (the prediction writer sums them into ``metrics.json``).
     """
 
     def __init__(self, samples: Sequence[Sample], class_names: Sequence[str], domains: Sequence[str], name: str,
@@ -142,18 +125,11 @@ class ImageFilesDataModule(pl.LightningDataModule):
         domain_of = [domain for _, _, domain in self.dataset.samples]
         self.order = order_within_domains(labels, domain_of, self.domains, stream, self.stream_seed,
                                           self.dirichlet_alpha, self.batch_size)
-        self.skipped_images = 0
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        self.skipped_images = 0
-        return SkippingDataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size,
-                                  shuffle=False, num_workers=self.num_workers,
-                                  collate_fn=partial(collate_skipping, image_size=self.image_size),
-                                  on_skipped=self._count_skipped)
-
-    def _count_skipped(self, n: int) -> None:
-        self.skipped_images += n
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
+                          num_workers=self.num_workers, collate_fn=partial(collate_skipping, image_size=self.image_size))
 
 
 class ImageFolderDataModule(ImageFilesDataModule):

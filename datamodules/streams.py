@@ -13,7 +13,12 @@ seeds (and so episodic methods' predictions) do not depend on the stream.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from typing_extensions import override
 
 STREAMS = ("iid", "sorted", "dirichlet")
 
@@ -63,3 +68,69 @@ def order_within_domains(labels: torch.Tensor, domain_of: list[str], domains: li
         positions = torch.tensor([i for i, d in enumerate(domain_of) if d == domain], dtype=torch.long)
         order.append(positions[stream_order(labels[positions], kind, seed + k, alpha, chunk_size)])
     return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+
+
+class StreamSampler(DistributedSampler):
+    """The positions one process reads, in stream order: whole batches, never split.
+
+    The stream ``order`` is cut into batches of ``batch_size``; global batch ``g`` goes to rank
+    ``g % world_size`` (so batches, and batch-level methods' outputs, are the same on any
+    number of devices), and the first ``start_batch`` batches of this rank are left out (a
+    resumed run). A ``DistributedSampler`` so that Lightning keeps it rather than injecting its
+    own per-sample split under DDP.
+    """
+
+    def __init__(self, order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0) -> None:
+        # DistributedSampler.__init__ reads torch.distributed when these are None; set what we use only
+        self.order, self.batch_size = order.tolist(), int(batch_size)
+        self.rank, self.num_replicas, self.start_batch = int(rank), int(world_size), int(start_batch)
+        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
+        batches = range(0, len(self.order), self.batch_size)
+        mine = [self.order[start:start + self.batch_size] for g, start in enumerate(batches) if g % self.num_replicas == self.rank]
+        self.positions = [p for batch in mine[self.start_batch:] for p in batch]
+        self.num_samples = self.total_size = len(self.positions)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def global_batch(local_batch: int, rank: int, world_size: int) -> int:
+    """The stream position of a rank's ``local_batch``-th batch (see :class:`StreamSampler`)."""
+    return local_batch * world_size + rank
+
+
+class StreamDataModule(pl.LightningDataModule):
+    """Base of the datamodules whose prediction set is read in a stream ``order``.
+
+    Subclasses set ``self.dataset`` and ``self.order`` in ``setup``; this base builds the
+    prediction loader over :class:`StreamSampler`, which splits the stream into whole batches
+    across DDP ranks and lets :class:`tta.callbacks.PredictionWriter` resume a run from its
+    first unfinished batch (:meth:`resume_from_batch`).
+    """
+
+    batch_size: int
+    num_workers: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_batch = 0
+
+    def resume_from_batch(self, local_batch: int) -> None:
+        """Leave out this process's first ``local_batch`` batches (they are already written)."""
+        if local_batch < 0:
+            raise ValueError(f"local_batch must be >= 0, got {local_batch}")
+        self.start_batch = int(local_batch)
+
+    def stream_sampler(self) -> StreamSampler:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return StreamSampler(self.order, self.batch_size, rank, world_size, self.start_batch)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
+                          num_workers=self.num_workers)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
-from tta.datamodules.streams import check_stream, order_within_domains
+from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
 from tta.world import CLASS_NAMES, DOMAINS, check_domain, render_domain
 
 
@@ -28,7 +27,7 @@ class TensorDictDataset(Dataset):
                 "index": torch.tensor(i), "domain": self.domains[i]}
 
 
-class WorldDataModule(pl.LightningDataModule):
+class WorldDataModule(StreamDataModule):
     """Single-object scenes of the offline world, ``n_per_domain`` per domain.
 
     Every domain shows the same scenes (same ``seed``) through its shift, so differences
@@ -81,8 +80,3 @@ class WorldDataModule(pl.LightningDataModule):
         self.dataset = TensorDictDataset(torch.cat(images), torch.cat(labels), domains)
         self.order = order_within_domains(self.dataset.labels, domains, self.domains, self.stream, self.stream_seed,
                                           self.dirichlet_alpha, self.batch_size)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Subset(self.dataset, self.order.tolist()), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)

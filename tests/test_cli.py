@@ -11,8 +11,9 @@ import pytest
 from conftest import run_script
 from tta.cli import run
 
-#: The columns predictions.csv is documented to have (tta.callbacks.PredictionWriter).
-COLUMNS = ["index", "domain", "label", "pred", "confidence", "pred_zs", "confidence_zs", "ms"]
+#: The columns predictions.csv and timing.csv are documented to have (tta.callbacks.PredictionWriter).
+COLUMNS = ["index", "domain", "label", "pred", "confidence", "pred_zs", "confidence_zs"]
+TIMING_COLUMNS = ["index", "ms", "adapt_ms"]
 METRIC_KEYS = {"method", "model", "data", "seed", "n", "accuracy", "ece", "ms_per_sample", "peak_mem_mb", "domains"}
 
 
@@ -37,14 +38,16 @@ def run_dir(tmp_path_factory):
 def test_run_writes_one_row_per_sample(run_dir):
     out, _ = run_dir
     header, rows = read_csv(out / "predictions.csv")
-    assert set(COLUMNS) <= set(header)
+    assert header == COLUMNS
+    timing_header, timing = read_csv(out / "timing.csv")
+    assert timing_header == TIMING_COLUMNS and [t["index"] for t in timing] == [r["index"] for r in rows]
+    assert all(float(t["ms"]) >= 0 and float(t["adapt_ms"]) == 0 for t in timing)
     assert len(rows) == 40
     assert [r["domain"] for r in rows] == ["clean"] * 20 + ["blur"] * 20
     assert len({r["index"] for r in rows}) == 40
     for r in rows:
         assert 0 <= int(r["pred"]) < 30 and 0 <= int(r["label"]) < 30
         assert 0 < float(r["confidence"]) <= 1
-        assert float(r["ms"]) >= 0
         assert r["pred_zs"] == "" and r["confidence_zs"] == ""  # no TTA callback ran
 
 

@@ -138,7 +138,9 @@ def test_writer_records_adapted_and_zero_shot_predictions(world_module, tmp_path
     assert writer.metrics["adapt_ms_per_sample"] > 0
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     header, first = lines[0].split(","), dict(zip(lines[0].split(","), lines[1].split(",")))
-    assert "pred_zs" in header and first["pred_zs"] != "" and first["adapt_ms"] != ""
+    assert "pred_zs" in header and first["pred_zs"] != ""
+    timing = (tmp_path / "timing.csv").read_text().splitlines()
+    assert float(timing[1].split(",")[2]) > 0  # adapt_ms
     assert int(first["pred"]) == int(out["logits"][0].argmax())
     assert int(first["pred_zs"]) == int(out["logits_zs"][0].argmax())
 

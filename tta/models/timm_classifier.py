@@ -19,7 +19,7 @@ from timm.data import resolve_model_data_config
 from typing_extensions import override
 
 from tta.models.vlm import check_class_names, check_images
-from tta.models.zero_shot import predict_outputs
+from tta.models.zero_shot import ClassifierPredictions, predict_outputs
 
 
 def _check_model_name(model_name: str) -> None:
@@ -35,7 +35,7 @@ def _check_pretrained(pretrained: bool | str) -> None:
                                 "file, true for timm's own weights (needs network), or false for random weights")
 
 
-class TimmClassifier(pl.LightningModule):
+class TimmClassifier(ClassifierPredictions, pl.LightningModule):
     """Classify images with a timm model.
 
     ``predict_step`` returns, per batch, the same dict as :class:`tta.models.ZeroShotClassifier`:

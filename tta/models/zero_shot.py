@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
+from tta.metrics import summarize
 from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates
 
 
@@ -37,7 +38,33 @@ def predict_outputs(module: pl.LightningModule, batch: dict[str, Any]) -> dict[s
     return out
 
 
-class ZeroShotClassifier(pl.LightningModule):
+class ClassifierPredictions:
+    """How classifiers' predictions are written (``tta.callbacks.writer.PredictionTask``): one
+    row per image with the adapted and the unadapted prediction; accuracy and ECE per domain;
+    the running accuracy on the progress bar."""
+
+    prediction_columns = ("index", "domain", "label", "pred", "confidence", "pred_zs", "confidence_zs")
+
+    def prediction_rows(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        confidence, pred = outputs["probs"].detach().float().cpu().max(-1)
+        zs = outputs.get("probs_zs")
+        confidence_zs, pred_zs = zs.detach().float().cpu().max(-1) if zs is not None else (None, None)
+        return [{"index": int(outputs["index"][i]), "domain": outputs["domain"][i], "label": int(outputs["label"][i]),
+                 "pred": int(pred[i]), "confidence": f"{confidence[i]:.6f}",
+                 "pred_zs": None if pred_zs is None else int(pred_zs[i]),
+                 "confidence_zs": None if confidence_zs is None else f"{confidence_zs[i]:.6f}"}
+                for i in range(len(pred))]
+
+    def summarize_predictions(self, rows: list[dict[str, str]]) -> dict[str, Any]:
+        return summarize([int(r["pred"]) for r in rows], [int(r["label"]) for r in rows],
+                         [float(r["confidence"]) for r in rows], [r["domain"] for r in rows])
+
+    def progress_values(self, row: dict[str, str]) -> dict[str, float | None]:
+        labelled = int(row["label"]) >= 0
+        return {"acc": float(row["pred"] == row["label"]) if labelled else None}
+
+
+class ZeroShotClassifier(ClassifierPredictions, pl.LightningModule):
     """Classify images by cosine similarity to class prompts.
 
     ``predict_step`` returns, per batch (all tensors on the model's device):
