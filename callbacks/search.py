@@ -39,7 +39,7 @@ class SearchTTA(pl.Callback):
             raise ValueError(f"lr_start and lr_end must be > 0, got {lr_start}, {lr_end}")
         if update_every < 1:
             raise ValueError(f"update_every is a number of steps, >= 1; got {update_every}")
-        if not 1 <= n_regions:
+        if n_regions < 1:
             raise ValueError(f"n_regions (k of the k-means regions) must be >= 1, got {n_regions}")
         if positive_weight <= 0:
             raise ValueError(f"positive_weight (w+) must be > 0, got {positive_weight}")

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from typing_extensions import override
 
+from tta.datamodules.streams import StreamDataModule
 from tta.world import CLASS_NAMES, DOMAINS, check_domain
 from tta.world.search import SearchWorld, render_search_episode
 
@@ -40,6 +40,12 @@ def collate_episodes(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {key: [item[key] for item in items] for key in LIST_KEYS}
     batch.update({key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in STACK_KEYS})
     return batch
+
+
+def episode_loader(datamodule: StreamDataModule) -> DataLoader:
+    """Episodes in index order through the stream sampler (whole batches per DDP rank, resumable)."""
+    return DataLoader(datamodule.dataset, batch_size=datamodule.batch_size, sampler=datamodule.stream_sampler(),
+                      num_workers=datamodule.num_workers, collate_fn=collate_episodes)
 
 
 class WorldEpisodes(Dataset):
@@ -59,7 +65,7 @@ class WorldEpisodes(Dataset):
                 "grid": (self.world.rows, self.world.cols), "start": (0, 0), "index": i, "domain": episode.domain}
 
 
-class WorldSearchDataModule(pl.LightningDataModule):
+class WorldSearchDataModule(StreamDataModule):
     """Search episodes of the offline world (see :mod:`tta.world.search`), ``n_episodes`` per domain.
 
     Every domain shows the same episodes (seeds ``seed, seed + 1, ...``) through its shift. Cells
@@ -98,11 +104,11 @@ class WorldSearchDataModule(pl.LightningDataModule):
         seeds = [self.seed + k for k in range(self.n_episodes)] * len(self.domains)
         domains = [d for d in self.domains for _ in range(self.n_episodes)]
         self.dataset = WorldEpisodes(seeds, domains, self.severity, self.world, self.query)
+        self.order = torch.arange(len(seeds))
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate_episodes)
+        return episode_loader(self)
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
@@ -110,7 +116,7 @@ def _load_rgb(path: Path) -> torch.Tensor:
         return pil_to_tensor(image.convert("RGB")).float() / 255
 
 
-class EpisodeFolderDataModule(pl.LightningDataModule):
+class EpisodeFolderDataModule(StreamDataModule):
     """A user's own search episodes: ``root/episodes.json`` and the images it names.
 
     ``episodes.json`` is a list of episodes, each::
@@ -190,8 +196,8 @@ class EpisodeFolderDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.dataset is None:
             self.dataset = [self._episode(k, e) for k, e in enumerate(self.episodes)]
+            self.order = torch.arange(len(self.dataset))
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate_episodes)
+        return episode_loader(self)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_vlm
-from tta.callbacks import SearchTTA
+from tta.callbacks import PredictionWriter, SearchTTA
 from tta.datamodules import EpisodeFolderDataModule, WorldSearchDataModule
 from tta.datamodules.search import collate_episodes
 from tta.methods.search import (
@@ -333,21 +333,20 @@ def test_search_tta_callback_replaces_outputs_keeps_unadapted_and_leaves_the_mod
     out = batches[0]
     assert {"found_zs", "steps_first_zs", "adapt_ms", "n_updates", "ms_per_update"} <= set(out)
     assert (out["adapt_ms"] > 0).all() and (out["n_updates"] >= 2).all()  # 9 steps, every 3 at least
-    # the writer interface: rows per episode, read back as strings, summarised
+    # the writer: one row per episode, metrics from the rows
     rows = [row for b in batches for row in runner.prediction_rows(b)]
     assert len(rows) == 2 and list(rows[0]) == list(runner.prediction_columns)
-    path = tmp_path / "predictions.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=runner.prediction_columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(path, newline="") as f:
-        metrics = runner.summarize_predictions(list(csv.DictReader(f)))
-    assert metrics["n"] == 2 and set(metrics["domains"]) == {"clean"}
+    writer = PredictionWriter(tmp_path, seed=0)
+    predict(runner, [SearchTTA(lr_start=1e-3, lr_end=1e-2, update_every=3, seed=0), writer])
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["found"] for r in written] == [str(r["found"]) for r in rows]  # same seed, same search
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "search_tta" and metrics["n"] == 2 and set(metrics["domains"]) == {"clean"}
     fractions = [int(b["found"][0]) / int(b["n_targets"][0]) for b in batches]
     assert metrics["found_fraction"] == pytest.approx(sum(fractions) / 2, abs=1e-5)
     assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 2
-    assert metrics["ms_per_update"] > 0
+    assert metrics["ms_per_update"] > 0 and metrics["adapt_ms_per_sample"] > 0
 
 
 def test_search_tta_needs_the_episode_runner():

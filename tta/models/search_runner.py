@@ -130,6 +130,10 @@ class SearchEpisodeRunner(pl.LightningModule):
             rows.append({column: row.get(column, "") for column in self.prediction_columns})
         return rows
 
+    def progress_values(self, row: dict[str, str]) -> dict[str, float | None]:
+        """The running mean of the fraction found, for the progress bar."""
+        return {"found": float(row["found_fraction"]) if row["found_fraction"] else None}
+
     def summarize_predictions(self, rows: list[dict[str, str]]) -> dict[str, Any]:
         """Metrics of the rows (as read back from the CSV), overall and per domain."""
         metrics = summarize_search(rows)
