@@ -126,8 +126,8 @@ def blur_map(values: torch.Tensor, size: int = 5, sigma: float = 1.0) -> torch.T
 
 def planner_map(scores: torch.Tensor, grid: Sequence[int], blur: bool = True) -> torch.Tensor:
     """What the planner sees: the ``rows x cols`` map of cell scores, blurred if ``blur``,
-    min-max normalised to [0, 1] (all zeros for a flat map)."""
-    values = scores.detach().float().view(*grid)
+    min-max normalised to [0, 1] (all zeros for a flat map), on the CPU (the planners' home)."""
+    values = scores.detach().float().cpu().view(*grid)
     if blur:
         values = blur_map(values)
     span = values.max() - values.min()
