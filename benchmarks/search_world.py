@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import time
 from pathlib import Path
@@ -74,8 +75,10 @@ def main() -> None:
                "map_auroc": float(binary_auroc(scores, (counts.flatten() > 0).long()))}
         results = {"lawnmower": lawnmower.search(batch, 0), "greedy, unadapted map": greedy.search(batch, 0)}
         for name, callback in callbacks.items():
+            cpu_start = time.process_time()
             session = callback.session(greedy, batch, 0)
             results[name] = search_with_tta(session, counts, args.budget, "greedy")
+            row[f"cpu_ms[{name}]"] = (time.process_time() - cpu_start) * 1000
         for name, result in results.items():
             row[name] = result
         rows.append(row)
@@ -108,12 +111,13 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
         f"`python benchmarks/search_world.py --episodes {args.episodes}"
         f"{' --with-reference-lr' if args.with_reference_lr else ''}` (seeds {args.seed}-{args.seed + len(rows) - 1}; "
         f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, shipped tta-world-clip, "
-        f"1 CPU thread; whole run {total_s / 60:.1f} min).", "",
+        f"1 CPU thread; whole run {total_s / 60:.1f} min, load average at the end {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores).", "",
         "Fraction found: per episode, targets found within the budget / targets in the episode; mean +- std over "
-        "episodes. ms / update: median wall time of one update (reset, forward and backward on the visited cells, Adam step, re-encoding all 256 cells). Steps: mean over the episodes that reached that target (how many in brackets). W/T/L: episodes "
+        "episodes. ms / update: median wall time of one update (reset, forward and backward on the visited cells, Adam step, re-encoding all 256 cells); CPU ms / update: the process CPU time of the whole adapted episode (session set-up and planning included) per update, median over episodes: the cost on an unshared core (the wall time was measured on a 2-core machine shared with other jobs, load average in the header). Steps: mean over the episodes that reached that target (how many in brackets). W/T/L: episodes "
         f"where the arm found more / as many / fewer targets than the {baseline}.", "",
-        "| arm | fraction found | std | targets found (pooled) | steps to first | to middle | to last | W/T/L vs unadapted | updates / episode | ms / update |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | fraction found | std | targets found (pooled) | steps to first | to middle | to last | W/T/L vs unadapted | updates / episode | ms / update (wall) | CPU ms / update |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     total_targets = sum(r["n_targets"] for r in rows)
     for name in names:
@@ -128,12 +132,20 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
             diffs = [a[name].found - a[baseline].found for a in rows]
             wtl = f"{sum(d > 0 for d in diffs)}/{sum(d == 0 for d in diffs)}/{sum(d < 0 for d in diffs)}"
         updates = [r.n_updates for r in results]
+        cpu = [a[f"cpu_ms[{name}]"] / a[name].n_updates for a in rows if a[name].n_updates] if ARMS[name] else []
         costs = [ms for r in results for ms in r.update_ms]
         lines.append(
             f"| {name} | {100 * statistics.fmean(fractions):.1f}% | {100 * statistics.pstdev(fractions):.1f} | "
             f"{100 * sum(r.found for r in results) / total_targets:.1f}% | {steps['first']} | {steps['middle']} | "
             f"{steps['last']} | {wtl} | {fmt(statistics.fmean(updates)) if ARMS[name] else '-'} | "
-            f"{fmt(statistics.median(costs), '.0f') if costs else '-'} |")
+            f"{fmt(statistics.median(costs), '.0f') if costs else '-'} | "
+            f"{fmt(statistics.median(cpu), '.0f') if cpu else '-'} |")
+    paired = [name for name in names if ARMS[name]]
+    for name in paired:
+        diffs = [100 * (r[name].found_fraction - r[baseline].found_fraction) for r in rows if r["n_targets"]]
+        error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        lines += ["", f"{name} minus the unadapted map, paired over episodes: {statistics.fmean(diffs):+.1f} points "
+                  f"of fraction found (standard error {error:.1f})."]
     # the gain by the quality of the zero-shot map
     lines += ["", "Mean fraction found by the quality of the zero-shot map (AUROC of the cell scores for "
               "\"the cell holds a target\"; episodes split at the AUROC terciles):", "",
