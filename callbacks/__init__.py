@@ -2,10 +2,12 @@
 
 from tta.callbacks.base import EpisodicTTA, TTACallback
 from tta.callbacks.lame import LAME
+from tta.callbacks.progress import TTAProgressBar
 from tta.callbacks.search import SearchTTA
 from tta.callbacks.sts import STS
 from tta.callbacks.tpt import TPT
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "SearchTTA", "TTACallback", "ViewAverage"]
+__all__ = ["LAME", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "SearchTTA", "TTACallback", "TTAProgressBar",
+           "ViewAverage"]

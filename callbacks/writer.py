@@ -99,6 +99,7 @@ class _Part:
         self.progress = directory / "progress.json"
         self.batches: list[int] = []
         self.skipped_images = 0  # images left out of the batches written (undecodable), all sessions
+        self.peak_mem_mb: float | None = None  # this session's, once closed
 
     def open(self) -> int:
         """Open for appending after the last complete batch; returns the number of batches done."""
@@ -133,14 +134,16 @@ class _Part:
         self.skipped_images += skipped_images
         self._save()
 
-    def close(self) -> None:
+    def close(self, peak_mem_mb: float) -> None:
         self._predictions.close()
         self._timing.close()
+        self.peak_mem_mb = peak_mem_mb
+        self._save()
 
     def _save(self) -> None:
         _write_json_atomic(self.progress, {
             "run_key": self.run_key, "columns": list(self.columns), "batches": self.batches,
-            "skipped_images": self.skipped_images,
+            "skipped_images": self.skipped_images, "peak_mem_mb": self.peak_mem_mb,
             "predictions_bytes": self.predictions.stat().st_size, "timing_bytes": self.timing.stat().st_size,
         })
 
@@ -209,6 +212,10 @@ class PredictionWriter(pl.Callback):
                             f"{type(pl_module).__name__} prediction_columns, prediction_rows, summarize_predictions "
                             "and progress_values (see tta.callbacks.writer.PredictionTask)")
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        if self._world_size > 1 and not hasattr(trainer.datamodule, "resume_from_batch"):
+            raise ValueError(f"{type(trainer.datamodule).__name__} does not deal whole batches to the "
+                             f"{self._world_size} processes, so their rows cannot be merged in stream order: "
+                             "subclass tta.datamodules.streams.StreamDataModule, or predict on one device")
         self._check_world_size()
         directory = self.output_dir
         if self._world_size > 1:
@@ -254,18 +261,20 @@ class PredictionWriter(pl.Callback):
         # (a finished run, a resumed rank that was done), but every process reaches teardown
         if stage != "predict" or self._part is None:
             return
-        self._part.close()
-        part_skipped, self._part = self._part.skipped_images, None
-        strategy, device = trainer.strategy, trainer.strategy.root_device
-        peak = float(strategy.all_gather(torch.tensor(peak_memory_mb(device), device=device)).max())
-        skipped = int(strategy.all_gather(torch.tensor(part_skipped, device=device)).sum())
-        strategy.barrier("tta-prediction-writer")
+        self._part.close(peak_memory_mb(trainer.strategy.root_device))
+        self._part = None
+        trainer.strategy.barrier("tta-prediction-writer")
         if trainer.is_global_zero:
             if self._world_size > 1:
                 self._merge_parts(pl_module.prediction_columns)
+            parts = [self.output_dir / "parts" / f"rank{r}of{self._world_size}" / "progress.json"
+                     for r in range(self._world_size)] if self._world_size > 1 else [self.output_dir / "progress.json"]
+            states = [json.loads(p.read_text()) for p in parts]
+            peak = max(state["peak_mem_mb"] for state in states)
+            skipped = sum(state["skipped_images"] for state in states)
             self.metrics = self._compute_metrics(trainer, pl_module, peak, skipped)
             _write_json_atomic(self.metrics_path, self.metrics)
-        strategy.barrier("tta-prediction-writer-done")
+        trainer.strategy.barrier("tta-prediction-writer-done")
 
     def _key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.run_key is not None:

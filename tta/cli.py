@@ -3,10 +3,12 @@
     tta-predict                                   # the shipped tiny CLIP on every offline-world domain
     tta-predict data.severity=5 seed=1            # any config value
     tta-predict -m data.severity=1,3,5            # a multirun sweep
+    tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import warnings
@@ -18,25 +20,39 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from tta.callbacks import PredictionWriter
+from tta.callbacks import PredictionWriter, TTAProgressBar
 
 #: Errors that are the user's to fix: printed as one line, without a stack trace.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Build everything from ``cfg`` and predict; returns the run's metrics.
+def run_key(cfg: DictConfig) -> str:
+    """What makes two runs the same run (for resuming): the config, display options aside."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("print_table", None)
+    config.get("trainer", {}).pop("enable_progress_bar", None)
+    text = OmegaConf.to_yaml(OmegaConf.create(config), sort_keys=True)
+    return "config sha256 " + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
+    """Build everything from ``cfg`` and predict; returns the run's metrics (``None`` on DDP
+    ranks other than 0).
 
     The model is built first and the data set checked next, so a bad name, path or class
-    list fails before any long work starts.
+    list fails before any long work starts. If ``output_dir`` holds this run's finished
+    batches (a stopped run, same config), prediction resumes after them; a finished run is
+    not predicted again.
     """
     # Lightning's start-up banners (device summary, product tips) drown the table
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # a resumed run that was finished has no batch left: expected, not a mistake
+    warnings.filterwarnings("ignore", message=r"Total length of `DataLoader` across ranks is zero.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate(cfg.model)
     data_cfg = cfg.data.copy()
@@ -45,26 +61,41 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             data_cfg.image_size = module.input_size
     datamodule = instantiate(data_cfg)
     callbacks = [instantiate(c) for c in cfg.tta.callbacks.values()]
-    writer = PredictionWriter(output_dir, seed=cfg.seed)
+    writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg),
+                              run_info={"config": OmegaConf.to_container(cfg, resolve=True)})
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TTAProgressBar())
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, writer])
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.metrics
 
 
+#: How metrics.json values show in the table: percent for accuracies, else by type.
+PERCENT_METRICS = ("accuracy",)
+
+
+def _format(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name in PERCENT_METRICS:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.2f}" if name.startswith("ms") else f"{value:.3f}"
+
+
 def metrics_table(metrics: dict[str, Any]) -> Table:
+    """Per domain and overall: the task's metrics (``n``, then e.g. accuracy and ECE), ms per sample."""
     table = Table(title=f"{metrics['method']} | {metrics['model']} | {metrics['data']} | seed {metrics['seed']}")
-    for column in ("domain", "n", "accuracy", "ECE", "ms/sample"):
-        table.add_column(column, justify="left" if column == "domain" else "right")
-
-    def row(name: str, m: dict[str, Any]) -> list[str]:
-        acc = "-" if m["accuracy"] is None else f"{100 * m['accuracy']:.1f}%"
-        ece = "-" if m["ece"] is None else f"{m['ece']:.3f}"
-        return [name, str(m["n"]), acc, ece, f"{m['ms_per_sample']:.2f}"]
-
+    names = [k for k, v in next(iter(metrics["domains"].values())).items() if not isinstance(v, (dict, list, str))]
+    names = [k for k in names if k != "ms_per_sample"] + ["ms_per_sample"]
+    for column in ("domain", *names):
+        heading = {"ms_per_sample": "ms/sample", "ece": "ECE"}.get(column, column)
+        table.add_column(heading, justify="left" if column == "domain" else "right")
     for name, m in metrics["domains"].items():
-        table.add_row(*row(name, m))
+        table.add_row(name, *(_format(k, m.get(k)) for k in names))
     table.add_section()
-    table.add_row(*row("all", metrics))
+    table.add_row("all", *(_format(k, metrics.get(k)) for k in names))
     table.caption = f"peak memory {metrics['peak_mem_mb']:.0f} MB"
     return table
 
@@ -87,7 +118,7 @@ def _main(cfg: DictConfig) -> None:
         message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
         Console(stderr=True).print(f"[bold red]tta-predict: error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    if cfg.print_table:
+    if cfg.print_table and metrics is not None:
         Console().print(metrics_table(metrics))
 
 

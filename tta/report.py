@@ -1,8 +1,18 @@
-"""``tta-report DIR``: a markdown table and a PNG plot from one run or a multirun directory.
+"""``tta-report DIR``: markdown tables and PNG plots from one run or a multirun directory.
 
-Reads only the ``metrics.json`` files under ``DIR``. Runs that differ only by ``seed`` are
-grouped: each cell is the mean over seeds, with the standard deviation when there are several.
-Writes ``report.md`` and ``report.png`` into ``DIR`` and prints the table.
+Reads the ``metrics.json`` files under ``DIR`` (and, for reliability diagrams, the
+``predictions.csv`` beside them). Runs that differ only by ``seed`` are grouped: each cell is
+the mean over seeds, with the standard deviation when there are several. Writes into ``DIR``:
+
+- ``report.md``: one row per method (and model, data, severity), one column per domain, then
+  the mean over the shifted domains, ECE, ms per sample and peak memory;
+- ``report.png``: the per-domain scores as grouped bars;
+- ``accuracy_vs_severity.png``: mean shifted score against ``data.severity``, one line per
+  method (when the runs cover two severities or more);
+- ``reliability.png``: a reliability diagram per method, its runs' rows pooled (classifiers).
+
+The score is the task's headline metric (``headline`` in ``metrics.json``; ``accuracy`` for
+classifiers).
 
 ``--compare-published`` also puts each run beside the published numbers of the protocol card
 it ran (the ``published`` block of its ``experiment`` config, read from the run's
@@ -12,6 +22,7 @@ it ran (the ``published`` block of its ``experiment`` config, read from the run'
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -20,18 +31,31 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tta.metrics.classification import ECE_BINS  # noqa: E402
+
 CLEAN = "clean"
+Group = tuple[str, str, str, Any]  # method, model, data, severity (None if the data has none)
 
 
 def load_runs(directory: Path) -> list[dict[str, Any]]:
+    """Every run's metrics under ``directory``, each with its ``path`` (the run directory)."""
     paths = sorted(directory.rglob("metrics.json"))
     if not paths:
         raise FileNotFoundError(f"no metrics.json under {directory}: point tta-report at a run or multirun directory")
-    return [json.loads(p.read_text()) for p in paths]
+    return [json.loads(p.read_text()) | {"path": p.parent} for p in paths]
+
+
+def headline(run: dict[str, Any]) -> str:
+    return run.get("headline", "accuracy")
+
+
+def severity(run: dict[str, Any]) -> Any:
+    return run.get("run", {}).get("config", {}).get("data", {}).get("severity")
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -41,32 +65,47 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def group_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for run in runs:
-        groups[(run["method"], run["model"], run["data"])].append(run)
+def group_runs(runs: list[dict[str, Any]]) -> dict[Group, list[dict[str, Any]]]:
+    groups: dict[Group, list[dict[str, Any]]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (severity(r) is None, severity(r) or 0)):
+        groups[(run["method"], run["model"], run["data"], severity(run))].append(run)
     return dict(groups)
 
 
 def shifted_mean(run: dict[str, Any]) -> float | None:
-    values = [d["accuracy"] for name, d in run["domains"].items() if name != CLEAN and d["accuracy"] is not None]
+    values = [d.get(headline(run)) for name, d in run["domains"].items() if name != CLEAN]
+    values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
 
 
+def _domains(runs: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(name for run in runs for name in run["domains"]))
+
+
+def _domain_values(members: list[dict[str, Any]], name: str) -> list[float] | None:
+    values = [r["domains"][name].get(headline(r)) for r in members if name in r["domains"]]
+    return values if values and None not in values else None
+
+
 def markdown_table(runs: list[dict[str, Any]]) -> str:
-    """One row per (method, model, data); accuracies in percent, mean ± std over seeds."""
+    """One row per (method, model, data, severity); scores in percent, mean ± std over seeds."""
     groups = group_runs(runs)
-    domains = list(dict.fromkeys(name for run in runs for name in run["domains"]))
-    header = ["method", "model", "data", "seeds", *domains, "shifted mean", "ECE", "ms/sample", "peak MB"]
+    domains = _domains(runs)
+    with_severity = any(key[3] is not None for key in groups)
+    score = headline(runs[0])
+    header = ["method", "model", "data", *(["severity"] if with_severity else []), "seeds", *domains,
+              f"shifted mean ({score})", "ECE", "ms/sample", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (method, model, data), members in groups.items():
-        cells = [method, model, data, str(len(members))]
+    for (method, model, data, level), members in groups.items():
+        cells = [method, model, data, *([str(level) if level is not None else "-"] if with_severity else []),
+                 str(len(members))]
         for name in domains:
-            values = [r["domains"][name]["accuracy"] for r in members if name in r["domains"]]
-            cells.append(_cell(values) if values and None not in values else "-")
+            values = _domain_values(members, name)
+            cells.append(_cell(values) if values else "-")
         shifted = [v for v in map(shifted_mean, members) if v is not None]
         cells.append(_cell(shifted) if shifted else "-")
-        cells.append(_cell([r["ece"] for r in members], scale=1.0, digits=3))
+        eces = [r.get("ece") for r in members]
+        cells.append(_cell(eces, scale=1.0, digits=3) if None not in eces else "-")
         cells.append(_cell([r["ms_per_sample"] for r in members], scale=1.0, digits=2))
         cells.append(f"{max(r['peak_mem_mb'] for r in members):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -74,26 +113,104 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 
 def accuracy_plot(runs: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: accuracy per domain, one bar per (method, model), mean over seeds."""
+    """Grouped bars: the score per domain, one bar per group, mean over seeds."""
     groups = group_runs(runs)
-    domains = list(dict.fromkeys(name for run in runs for name in run["domains"]))
+    domains = _domains(runs)
     width = 0.8 / max(1, len(groups))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(domains) + 2) + 3, 4))
-    for k, ((method, model, data), members) in enumerate(groups.items()):
-        means = []
-        for name in domains:
-            values = [r["domains"][name]["accuracy"] for r in members if name in r["domains"]]
-            means.append(100 * statistics.fmean(values) if values and None not in values else 0.0)
+    for k, ((method, model, data, level), members) in enumerate(groups.items()):
+        means = [100 * statistics.fmean(v) if (v := _domain_values(members, name)) else 0.0 for name in domains]
         xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(domains))]
-        ax.bar(xs, means, width=width, label=f"{method} ({model}, {data})")
+        label = f"{method} ({model}, {data}{'' if level is None else f', severity {level}'})"
+        ax.bar(xs, means, width=width, label=label)
     ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(f"{headline(runs[0])} (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def severity_plot(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Mean shifted score against severity, one line per (method, model, data), ± std over
+    seeds as error bars. Returns False (and writes nothing) below two severities."""
+    levels = sorted({severity(r) for r in runs if severity(r) is not None})
+    if len(levels) < 2:
+        return False
+    lines: dict[tuple[str, str, str], dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        value = shifted_mean(run)
+        if severity(run) is not None and value is not None:
+            lines[(run["method"], run["model"], run["data"])][severity(run)].append(100 * value)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (method, model, data), by_level in lines.items():
+        xs = sorted(by_level)
+        means = [statistics.fmean(by_level[x]) for x in xs]
+        errors = [statistics.stdev(by_level[x]) if len(by_level[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=f"{method} ({model}, {data})")
+    ax.set_xticks(levels)
+    ax.set_xlabel("severity")
+    ax.set_ylabel(f"mean {headline(runs[0])} over shifted domains (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _confidences(run: dict[str, Any]) -> tuple[list[float], list[bool]] | None:
+    path = run["path"] / "predictions.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"confidence", "pred", "label"} <= set(rows[0]):
+        return None
+    rows = [r for r in rows if int(r["label"]) >= 0]
+    return [float(r["confidence"]) for r in rows], [r["pred"] == r["label"] for r in rows]
+
+
+def reliability_plot(runs: list[dict[str, Any]], path: Path) -> bool:
+    """One reliability diagram per method: accuracy per confidence bin (15 equal-width bins, as
+    ECE), the gap to the diagonal shaded, the pooled ECE in the title. Returns False (and writes
+    nothing) when no run has classifier rows."""
+    pooled: dict[str, tuple[list[float], list[bool]]] = {}
+    for run in runs:
+        found = _confidences(run)
+        if found:
+            confidence, correct = pooled.setdefault(run["method"], ([], []))
+            confidence += found[0]
+            correct += found[1]
+    if not pooled:
+        return False
+    fig, axes = plt.subplots(1, len(pooled), figsize=(3.2 * len(pooled), 3.4), squeeze=False)
+    edges = torch.linspace(0, 1, ECE_BINS + 1)
+    for ax, (method, (confidence, correct)) in zip(axes[0], pooled.items()):
+        conf, hit = torch.tensor(confidence, dtype=torch.float64), torch.tensor(correct, dtype=torch.float64)
+        bins = torch.bucketize(conf, edges[1:-1].double(), right=True)
+        count = torch.bincount(bins, minlength=ECE_BINS).double()
+        accuracy = torch.bincount(bins, hit, minlength=ECE_BINS) / count.clamp(min=1)
+        mean_conf = torch.bincount(bins, conf, minlength=ECE_BINS) / count.clamp(min=1)
+        ece = float((count / count.sum() * (accuracy - mean_conf).abs()).sum())
+        centres, width = (edges[:-1] + edges[1:]) / 2, 1 / ECE_BINS
+        used = count > 0
+        ax.bar(centres[used], accuracy[used], width=width, edgecolor="black", linewidth=0.5, label="accuracy")
+        ax.bar(centres[used], (mean_conf - accuracy)[used], bottom=accuracy[used], width=width, color="red",
+               alpha=0.3, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_title(f"{method}\nECE {ece:.3f}, {len(conf)} samples", fontsize=9)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def published_rows(directory: Path) -> list[list[str]]:
@@ -128,13 +245,19 @@ def published_table(directory: str | Path) -> str:
     return "\n".join(lines)
 
 
-def report(directory: str | Path) -> str:
+def report(directory: str | Path) -> tuple[str, list[str]]:
+    """Write the report files into ``directory``; returns the table and the files written."""
     directory = Path(directory)
     runs = load_runs(directory)
     table = markdown_table(runs)
     (directory / "report.md").write_text(table + "\n")
     accuracy_plot(runs, directory / "report.png")
-    return table
+    written = ["report.md", "report.png"]
+    if severity_plot(runs, directory / "accuracy_vs_severity.png"):
+        written.append("accuracy_vs_severity.png")
+    if reliability_plot(runs, directory / "reliability.png"):
+        written.append("reliability.png")
+    return table, written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also compare each run with its protocol card's published numbers (published.md)")
     args = parser.parse_args(argv)
     try:
-        print(report(args.directory))
+        table, written = report(args.directory)
+        print(table)
         if args.compare_published:
             table = published_table(args.directory)
             (args.directory / "published.md").write_text(table + "\n")
@@ -152,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:
         print(f"tta-report: error: {error}", file=sys.stderr)
         sys.exit(2)
-    written = ["report.md", "report.png", *(["published.md"] if args.compare_published else [])]
+    written += ["published.md"] if args.compare_published else []
     print(f"\nwrote {', '.join(str(args.directory / name) for name in written)}")
 
 
