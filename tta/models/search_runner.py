@@ -17,6 +17,9 @@ from tta.models.vlm import VisionLanguageModel
 #: Per-episode outputs of :func:`episode_outputs`, besides index and domain.
 RESULT_KEYS = ("n_targets", "found", "steps_first", "steps_middle", "steps_last")
 MILESTONES = ("first", "middle", "last")
+#: The per-domain metrics (the CLI's table shows these columns); the overall ones are all of
+#: :func:`summarize_search`.
+DOMAIN_METRICS = ("n", "found_fraction", "found_fraction_zs", "steps_first")
 
 
 def episode_outputs(results: Sequence[SearchResult]) -> dict[str, torch.Tensor]:
@@ -135,10 +138,12 @@ class SearchEpisodeRunner(pl.LightningModule):
         return {"found": float(row["found_fraction"]) if row["found_fraction"] else None}
 
     def summarize_predictions(self, rows: list[dict[str, str]]) -> dict[str, Any]:
-        """Metrics of the rows (as read back from the CSV), overall and per domain."""
+        """Metrics of the rows (as read back from the CSV): all of :func:`summarize_search` overall,
+        :data:`DOMAIN_METRICS` per domain."""
         metrics = summarize_search(rows)
         domains = list(dict.fromkeys(r["domain"] for r in rows))
-        metrics["domains"] = {d: summarize_search([r for r in rows if r["domain"] == d]) for d in domains}
+        metrics["domains"] = {d: {k: v for k, v in summarize_search([r for r in rows if r["domain"] == d]).items()
+                                  if k in DOMAIN_METRICS} for d in domains}
         return metrics
 
 
