@@ -1,6 +1,7 @@
 """Lightning callbacks: the prediction writer, and one thin adapter per TTA method."""
 
 from tta.callbacks.base import EpisodicTTA, TTACallback
+from tta.callbacks.difftpt import DiffTPT
 from tta.callbacks.lame import LAME
 from tta.callbacks.progress import TTAProgressBar
 from tta.callbacks.search import SearchTTA
@@ -9,5 +10,5 @@ from tta.callbacks.tpt import TPT
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "SearchTTA", "TTACallback", "TTAProgressBar",
-           "ViewAverage"]
+__all__ = ["LAME", "DiffTPT", "STS", "TPT", "EpisodicTTA", "PredictionWriter", "SearchTTA", "TTACallback",
+           "TTAProgressBar", "ViewAverage"]

@@ -19,6 +19,8 @@ from tta.models import VisionLanguageModel
 
 CONFIGS = files("tta.configs")
 GROUPS = {"model", "data", "trainer", "tta", "experiment"}
+#: Hydra's own groups that the package adds options to (tested by test_launcher_config).
+HYDRA_GROUPS = {"hydra"}
 
 
 def options(group: str) -> list[str]:
@@ -28,7 +30,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_is_tested():
     found = {p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
-    assert found == GROUPS
+    assert found == GROUPS | HYDRA_GROUPS
 
 
 def test_each_group_has_options():
@@ -133,6 +135,21 @@ def test_experiment_config(compose, option, image_tree, tmp_path):
     instantiate_data(cfg, image_size=module.vlm.image_size[0] if "vlm" in cfg.model else 32)
     instantiate_callbacks(cfg)
     instantiate_trainer(cfg)
+
+
+@pytest.mark.parametrize("option", options("hydra/launcher"))
+def test_launcher_config(option):
+    """A launcher option composes onto Hydra's own launcher config and its class imports
+    (launching needs the cluster, so it is not started)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.utils import get_class
+
+    with initialize_config_module(config_module="tta.configs", version_base="1.3"):
+        cfg = hydra_compose("predict", overrides=[f"hydra/launcher={option}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.max_num_timeout > 0  # requeued jobs resume: PredictionWriter keeps finished batches
 
 
 def test_default_config_is_the_shipped_model_on_every_world_domain(compose):
