@@ -4,11 +4,12 @@ from tta.callbacks.base import EpisodicTTA, SetTTA, TTACallback
 from tta.callbacks.difftpt import DiffTPT
 from tta.callbacks.lame import LAME
 from tta.callbacks.progress import TTAProgressBar
+from tta.callbacks.search import SearchTTA
 from tta.callbacks.sts import STS
 from tta.callbacks.tpt import TPT
 from tta.callbacks.ttm import TTM
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "DiffTPT", "STS", "TPT", "TTM", "EpisodicTTA", "PredictionWriter", "SetTTA", "TTACallback",
+__all__ = ["LAME", "DiffTPT", "STS", "TPT", "TTM", "EpisodicTTA", "PredictionWriter", "SearchTTA", "SetTTA", "TTACallback",
            "TTAProgressBar", "ViewAverage"]

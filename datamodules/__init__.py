@@ -19,6 +19,9 @@ Every datamodule here reads its prediction set in a stream order through
 
 Compositional benchmarks (k x k groups, 1 x k multiple choice) have their own group contract:
 see ``tta.datamodules.compositional``.
+
+Search episodes (``WorldSearchDataModule``, ``EpisodeFolderDataModule``) have their own
+contract, one batch item per episode: see ``tta.datamodules.search``.
 """
 
 from tta.datamodules.compositional import (
@@ -33,8 +36,10 @@ from tta.datamodules.corrupted import CIFAR10CDataModule, ImageNetCDataModule
 from tta.datamodules.fine_grained import FineGrainedDataModule
 from tta.datamodules.folder import ImageFilesDataModule, ImageFolderDataModule
 from tta.datamodules.imagenet import ImageNetDataModule, ImageNetV2DataModule
+from tta.datamodules.search import EpisodeFolderDataModule, WorldSearchDataModule
 from tta.datamodules.world import WorldDataModule
 
-__all__ = ["CIFAR10CDataModule", "GroupDataModule", "MMVPVLMDataModule", "SugarCrepeDataModule",
-           "WhatsUpDataModule", "WinogroundDataModule", "WorldGroupsDataModule", "FineGrainedDataModule", "ImageFilesDataModule", "ImageFolderDataModule", "ImageNetCDataModule",
-           "ImageNetDataModule", "ImageNetV2DataModule", "WorldDataModule"]
+__all__ = ["CIFAR10CDataModule", "EpisodeFolderDataModule", "FineGrainedDataModule", "GroupDataModule", "ImageFilesDataModule",
+           "ImageFolderDataModule", "ImageNetCDataModule", "ImageNetDataModule", "ImageNetV2DataModule", "MMVPVLMDataModule",
+           "SugarCrepeDataModule", "WhatsUpDataModule", "WinogroundDataModule", "WorldDataModule", "WorldGroupsDataModule",
+           "WorldSearchDataModule"]

@@ -191,6 +191,10 @@ def fake_data_overrides(data: DictConfig, tmp_path: Path, image_tree: Path) -> l
         whatsup_tree(root, data.files)
     elif target == "FineGrainedDataModule":
         split_tree(root, data.dataset, data.split)
+    elif target == "EpisodeFolderDataModule":
+        save_image(root / "area.png", size=(32, 32))
+        episodes = [{"image": "area.png", "query": "a red circle.", "targets": [[3, 4]], "grid": [2, 2]}]
+        (root / "episodes.json").write_text(json.dumps(episodes))
     else:
         root = image_tree
     return [f"data.root={root}"]
