@@ -10,7 +10,7 @@ import torch
 from typing_extensions import override
 
 from tta.metrics.groups import group_match_margin, group_score, image_score, multiple_choice_correct, text_score
-from tta.models.vlm import VisionLanguageModel
+from tta.models.vlm import OverVLM, VisionLanguageModel
 
 #: Per-group metrics of a k x k group (1 x k items have only ``text_score``: the correct option wins).
 GROUP_METRICS = ("text_score", "image_score", "group_score", "group_match")
@@ -51,7 +51,7 @@ def _mean(rows: list[dict[str, str]], column: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-class GroupScorer(pl.LightningModule):
+class GroupScorer(OverVLM, pl.LightningModule):
     """Score each group's images against its captions with a vision-language model.
 
     ``predict_step`` returns, per batch of the group contract:
@@ -69,14 +69,6 @@ class GroupScorer(pl.LightningModule):
     def __init__(self, vlm: VisionLanguageModel) -> None:
         super().__init__()
         self.vlm = vlm
-
-    @property
-    def model_name(self) -> str:
-        return self.vlm.name
-
-    @property
-    def input_size(self) -> int:
-        return self.vlm.image_size[0]
 
     def forward(self, images: torch.Tensor, captions: list[list[str]]) -> torch.Tensor:
         """``B x m x k`` scores of ``B x m x 3 x H x W`` images against ``B`` lists of ``k`` captions."""

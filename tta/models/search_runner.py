@@ -12,7 +12,7 @@ import torch
 from typing_extensions import override
 
 from tta.methods.search import SearchResult, check_planner, planner_map, run_search, zero_shot_scores
-from tta.models.vlm import VisionLanguageModel
+from tta.models.vlm import OverVLM, VisionLanguageModel
 
 #: Per-episode outputs of :func:`episode_outputs`, besides index and domain.
 RESULT_KEYS = ("n_targets", "found", "steps_first", "steps_middle", "steps_last")
@@ -47,7 +47,7 @@ def episode_query(batch: dict[str, Any], k: int) -> str | torch.Tensor:
     return batch["query"][k] if batch["query"][k] is not None else batch["query_image"][k]
 
 
-class SearchEpisodeRunner(pl.LightningModule):
+class SearchEpisodeRunner(OverVLM, pl.LightningModule):
     """Runs each episode's searcher on the zero-shot score map of a vision-language model.
 
     Args:
@@ -85,15 +85,6 @@ class SearchEpisodeRunner(pl.LightningModule):
             raise ValueError(f"discount must be in (0, 1), got {discount}")
         self.vlm, self.planner, self.budget, self.blur, self.discount = vlm, planner, int(budget), blur, discount
         self.scale, self.bias, self.cell_batch_size = scale, bias, cell_batch_size
-
-    @property
-    def model_name(self) -> str:
-        return self.vlm.name
-
-    @property
-    def input_size(self) -> int:
-        """The cell size the model sees: the datamodule's default cell size."""
-        return self.vlm.image_size[0]
 
     def search(self, batch: dict[str, Any], k: int) -> SearchResult:
         """Episode ``k`` of the batch, searched on the zero-shot map."""

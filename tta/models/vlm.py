@@ -134,3 +134,19 @@ class VisionLanguageModel(nn.Module):
         logits = self.logit_scale * logits
         bias = self.logit_bias
         return logits if bias is None else logits + bias
+
+
+class OverVLM:
+    """Mixin of the LightningModules built over a :class:`VisionLanguageModel` ``self.vlm``."""
+
+    vlm: VisionLanguageModel
+
+    @property
+    def model_name(self) -> str:
+        """The name the prediction writer records as ``model``."""
+        return self.vlm.name
+
+    @property
+    def input_size(self) -> int:
+        """The image size the model expects: the default image (or cell) size of the data."""
+        return self.vlm.image_size[0]

@@ -10,7 +10,7 @@ import torch
 from typing_extensions import override
 
 from tta.metrics import summarize
-from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates
+from tta.models.vlm import OverVLM, VisionLanguageModel, check_class_names, check_templates
 
 
 def check_batch(batch: dict[str, Any], n_classes: int) -> None:
@@ -64,7 +64,7 @@ class ClassifierPredictions:
         return {"acc": float(row["pred"] == row["label"]) if labelled else None}
 
 
-class ZeroShotClassifier(ClassifierPredictions, pl.LightningModule):
+class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
     """Classify images by cosine similarity to class prompts.
 
     ``predict_step`` returns, per batch (all tensors on the model's device):
@@ -87,15 +87,6 @@ class ZeroShotClassifier(ClassifierPredictions, pl.LightningModule):
         self.vlm = vlm
         self.class_names = None if class_names is None else check_class_names(class_names)
         self.templates = check_templates(templates)
-
-    @property
-    def model_name(self) -> str:
-        return self.vlm.name
-
-    @property
-    def input_size(self) -> int:
-        """The image size the model expects: the default image size of the data."""
-        return self.vlm.image_size[0]
 
     @override
     def setup(self, stage: str) -> None:
