@@ -18,6 +18,8 @@ merges the parts into ``predictions.csv``/``timing.csv`` in stream order, so the
 from __future__ import annotations
 
 import csv
+import ctypes
+import gc
 import io
 import json
 import os
@@ -68,9 +70,13 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    # hand memory that earlier runs of this process freed back to the OS first, so that the
+    # mark starts from what is live now rather than from the allocator's leftovers
+    gc.collect()
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+    except (OSError, AttributeError):  # not Linux with glibc: the mark stays the process's lifetime one
         pass
 
 
