@@ -249,13 +249,13 @@ class PredictionWriter(pl.Callback):
         done = self._part.open()
         self._progress_sums = {}
         self._count_progress(pl_module, read_rows(self._part.predictions))
-        if done:
-            datamodule = trainer.datamodule
-            if not hasattr(datamodule, "resume_from_batch"):
-                raise ValueError(f"{self.output_dir} holds {done} finished batches but {type(datamodule).__name__} "
-                                 "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
-                                 "or write to an empty directory")
-            datamodule.resume_from_batch(done)
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "resume_from_batch"):
+            datamodule.resume_from_batch(done)  # 0 too: a datamodule reused from a resumed run starts over
+        elif done:
+            raise ValueError(f"{self.output_dir} holds {done} finished batches but {type(datamodule).__name__} "
+                             "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
+                             "or write to an empty directory")
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

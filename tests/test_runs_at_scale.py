@@ -165,3 +165,18 @@ def test_progress_bar_shows_the_running_accuracy(shipped_vlm, small_world, tmp_p
     accuracy = sum(r.split(",")[2] == r.split(",")[3] for r in rows) / len(rows)
     assert description.endswith(f"acc {100 * accuracy:.1f}%")
     assert writer.progress["acc"] == pytest.approx(writer.metrics["accuracy"])
+
+
+def test_a_datamodule_reused_after_a_resume_starts_over(shipped_vlm, tmp_path):
+    data = WorldDataModule(domains=["clean"], n_per_domain=20, batch_size=8)
+
+    def predict(directory):
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[PredictionWriter(directory, seed=0)])
+        trainer.predict(ZeroShotClassifier(shipped_vlm), datamodule=data, return_predictions=False)
+        return (directory / "predictions.csv").read_text().splitlines()
+
+    whole = predict(tmp_path / "a")
+    predict(tmp_path / "a")  # finished: resumes after its last batch, predicts nothing
+    assert data.start_batch == 3
+    assert predict(tmp_path / "b") == whole  # a fresh directory gets every batch again
