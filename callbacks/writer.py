@@ -265,9 +265,8 @@ class PredictionWriter(pl.Callback):
     @override
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        now = time.perf_counter()
-        self._flush(pl_module, now)
-        self._pending = (None, now, 0)
+        self._flush(pl_module, time.perf_counter())
+        self._pending = (None, time.perf_counter(), 0)  # after the flush: this writer's I/O is in no batch's ms
 
     @override
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,

@@ -146,11 +146,16 @@ def severity_plot(runs: list[dict[str, Any]], path: Path) -> bool:
         if severity(run) is not None and value is not None:
             lines[(run["method"], run["model"], run["data"])][severity(run)].append(100 * value)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (method, model, data), by_level in lines.items():
+    markers, styles = "osD^vP*X", ("-", "--", ":", "-.")
+    for k, ((method, model, data), by_level) in enumerate(lines.items()):
         xs = sorted(by_level)
         means = [statistics.fmean(by_level[x]) for x in xs]
         errors = [statistics.stdev(by_level[x]) if len(by_level[x]) > 1 else 0.0 for x in xs]
-        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=f"{method} ({model}, {data})")
+        # methods often coincide (an adaptation that changes little): dodge them sideways and
+        # vary marker and line so that none hides another
+        dodge = (k - (len(lines) - 1) / 2) * 0.06
+        ax.errorbar([x + dodge for x in xs], means, yerr=errors, marker=markers[k % len(markers)],
+                    linestyle=styles[k % len(styles)], capsize=3, label=f"{method} ({model}, {data})")
     ax.set_xticks(levels)
     ax.set_xlabel("severity")
     ax.set_ylabel(f"mean {headline(runs[0])} over shifted domains (%)")
