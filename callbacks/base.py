@@ -141,6 +141,12 @@ class EpisodicTTA(TTACallback):
         """Adapted logits (``B x C``) from ``B x V x D`` normalised view features (view 0 the original)."""
         raise NotImplementedError
 
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """A loss scaler for gradient steps under fp16 autocast (TPT's reference setting), else None."""
+        if self._autocast_dtype is torch.float16:
+            return torch.amp.GradScaler(device.type, init_scale=1000)
+        return None
+
     def autocast(self, device: torch.device) -> AbstractContextManager:
         """Autocast matching the trainer's precision, for use inside :meth:`adapt`."""
         if self._autocast_dtype is None:

@@ -96,10 +96,7 @@ class DiffTPT(EpisodicTTA):
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
         device = view_features.device
-        scaler = None
-        if self._autocast_dtype is torch.float16:
-            scaler = torch.amp.GradScaler(device.type, init_scale=1000)  # TPT's reference setting
         return difftpt_adapt(self.prompt, view_features, pl_module.vlm.logits, n_conventional=self.n_views - 1,
                              lr=self.lr, steps=self.steps, cosine_fraction=self.cosine_fraction,
                              selection=self.selection, reading=self.reading, autocast=self.autocast(device),
-                             scaler=scaler, checkpoint=self.checkpoint_text).logits
+                             scaler=self.grad_scaler(device), checkpoint=self.checkpoint_text).logits

@@ -42,9 +42,6 @@ class TPT(EpisodicTTA):
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
         device = view_features.device
-        scaler = None
-        if self._autocast_dtype is torch.float16:
-            scaler = torch.amp.GradScaler(device.type, init_scale=1000)  # TPT's reference setting
         return tpt_adapt(self.prompt, view_features, pl_module.vlm.logits, lr=self.lr, steps=self.steps,
-                         selection=self.selection, autocast=self.autocast(device), scaler=scaler,
+                         selection=self.selection, autocast=self.autocast(device), scaler=self.grad_scaler(device),
                          checkpoint=self.checkpoint_text).logits
