@@ -50,6 +50,8 @@ class PredictionTask(Protocol):
       format floats as they should be stored;
     - ``summarize_predictions(rows)``: metrics from the rows as read back from the CSV (all
       values ``str``): ``n``, the task's metrics, and ``domains`` (per domain ``n`` and metrics);
+      optionally ``headline``, the name of the metric ``tta-report`` tabulates (default
+      ``accuracy``);
     - ``progress_values(row)``: per row, the values whose running means the progress bar
       shows (e.g. ``{"acc": 1.0}``; a missing or ``None`` value is not counted).
     """

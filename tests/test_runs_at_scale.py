@@ -180,3 +180,23 @@ def test_a_datamodule_reused_after_a_resume_starts_over(shipped_vlm, tmp_path):
     predict(tmp_path / "a")  # finished: resumes after its last batch, predicts nothing
     assert data.start_batch == 3
     assert predict(tmp_path / "b") == whole  # a fresh directory gets every batch again
+
+
+def test_report_tabulates_the_task_headline(tmp_path):
+    """Non-classification runs (groups, search episodes) name their headline metric; no ECE, no
+    reliability diagram."""
+    from tta.report import report
+
+    for seed, scores in ((0, (0.5, 0.25)), (1, (0.7, 0.35))):
+        run = tmp_path / str(seed)
+        run.mkdir()
+        metrics = {"method": "ttm", "model": "m", "data": "world_groups", "seed": seed, "n": 4,
+                   "group_score": sum(scores) / 2, "headline": "group_score", "ms_per_sample": 1.0,
+                   "peak_mem_mb": 10.0, "domains": {"clean": {"n": 2, "group_score": scores[0]},
+                                                    "noise": {"n": 2, "group_score": scores[1]}}}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    table, written = report(tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith("| ttm"))
+    assert "60.0 ± 14.1" in row and "30.0 ± 7.1" in row and "| - |" in row  # clean, noise (= shifted mean), no ECE
+    assert "shifted mean (group_score)" in table
+    assert written == ["report.md", "report.png"]

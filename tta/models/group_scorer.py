@@ -122,6 +122,7 @@ class GroupScorer(OverVLM, pl.LightningModule):
             return out
 
         result = summary(rows)
+        result["headline"] = "group_score"  # what tta-report tabulates and plots
         result["domains"] = {d: summary([r for r in rows if r["domain"] == d])
                              for d in dict.fromkeys(r["domain"] for r in rows)}
         result["kinds"] = {k: summary([r for r in rows if r["kind"] == k])

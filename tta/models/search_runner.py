@@ -132,6 +132,7 @@ class SearchEpisodeRunner(OverVLM, pl.LightningModule):
         """Metrics of the rows (as read back from the CSV): all of :func:`summarize_search` overall,
         :data:`DOMAIN_METRICS` per domain."""
         metrics = summarize_search(rows)
+        metrics["headline"] = "found_fraction"  # what tta-report tabulates and plots
         domains = list(dict.fromkeys(r["domain"] for r in rows))
         metrics["domains"] = {d: {k: v for k, v in summarize_search([r for r in rows if r["domain"] == d]).items()
                                   if k in DOMAIN_METRICS} for d in domains}
