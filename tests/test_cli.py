@@ -113,3 +113,13 @@ def test_tta_report_console_script(script_run):
     assert result.returncode == 0, result.stderr
     assert "clean" in result.stdout
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
+
+
+def test_a_cards_method_options_are_left_out_under_tta_none(compose, caplog):
+    from tta.callbacks import TTM
+    from tta.cli import tta_callbacks
+
+    assert [type(c) for c in tta_callbacks(compose(["experiment=ttm_world"]))] == [TTM]
+    with caplog.at_level("WARNING"):
+        assert tta_callbacks(compose(["experiment=ttm_world", "tta=none"])) == []
+    assert "tta.callbacks.ttm sets options of a method that tta= does not select" in caplog.text

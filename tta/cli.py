@@ -39,6 +39,20 @@ def run_key(cfg: DictConfig) -> str:
     return "config sha256 " + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The TTA callbacks of ``cfg.tta.callbacks``, in order. An entry without ``_target_`` holds
+    options of a method that ``tta=`` does not select (an experiment card's settings for its
+    method, run with ``tta=none`` for the baseline): it is left out, with a warning."""
+    callbacks = []
+    for name, node in (cfg.tta.get("callbacks") or {}).items():
+        if "_target_" not in node:
+            logging.getLogger(__name__).warning(
+                "tta.callbacks.%s sets options of a method that tta= does not select; ignored", name)
+            continue
+        callbacks.append(instantiate(node))
+    return callbacks
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     """Build everything from ``cfg`` and predict; returns the run's metrics (``None`` on DDP
     ranks other than 0).
@@ -60,7 +74,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
         with open_dict(data_cfg):
             data_cfg.image_size = module.input_size
     datamodule = instantiate(data_cfg)
-    callbacks = [instantiate(c) for c in cfg.tta.callbacks.values()]
+    callbacks = tta_callbacks(cfg)
     writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg),
                               run_info={"config": OmegaConf.to_container(cfg, resolve=True)})
     if cfg.trainer.get("enable_progress_bar", True):
