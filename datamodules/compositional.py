@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -88,16 +88,19 @@ class GroupDataModule(StreamDataModule):
             self.order = torch.arange(len(self.dataset))
 
     @override
+    def collate_fn(self) -> Callable[[list[dict | None]], dict[str, Any]]:
+        return partial(collate_groups, image_size=self.image_size)
+
+    @override
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
-                          num_workers=self.num_workers, collate_fn=partial(collate_groups, image_size=self.image_size))
+        return super().predict_dataloader()
 
     def whole_set_dataloader(self) -> DataLoader:
         """Every group of the prediction set in index order (no rank split, no resume)."""
         self.setup("predict")
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=partial(collate_groups, image_size=self.image_size))
+                          collate_fn=self.collate_fn())
 
 
 class _TensorGroups(Dataset):

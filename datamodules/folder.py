@@ -5,14 +5,14 @@ turns a list of ``(path, label, domain)`` samples into batches of the contract i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 from typing_extensions import override
 
@@ -127,9 +127,8 @@ class ImageFilesDataModule(StreamDataModule):
                                           self.dirichlet_alpha, self.batch_size)
 
     @override
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
-                          num_workers=self.num_workers, collate_fn=partial(collate_skipping, image_size=self.image_size))
+    def collate_fn(self) -> Callable[[list[dict | None]], dict[str, Any]]:
+        return partial(collate_skipping, image_size=self.image_size)
 
 
 class ImageFolderDataModule(ImageFilesDataModule):

@@ -17,13 +17,13 @@ The episode batch contract (one batch item is one episode; the default batch siz
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from typing_extensions import override
 
@@ -40,12 +40,6 @@ def collate_episodes(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {key: [item[key] for item in items] for key in LIST_KEYS}
     batch.update({key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in STACK_KEYS})
     return batch
-
-
-def episode_loader(datamodule: StreamDataModule) -> DataLoader:
-    """Episodes in index order through the stream sampler (whole batches per DDP rank, resumable)."""
-    return DataLoader(datamodule.dataset, batch_size=datamodule.batch_size, sampler=datamodule.stream_sampler(),
-                      num_workers=datamodule.num_workers, collate_fn=collate_episodes)
 
 
 class WorldEpisodes(Dataset):
@@ -107,8 +101,8 @@ class WorldSearchDataModule(StreamDataModule):
         self.order = torch.arange(len(seeds))
 
     @override
-    def predict_dataloader(self) -> DataLoader:
-        return episode_loader(self)
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return collate_episodes
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
@@ -199,5 +193,5 @@ class EpisodeFolderDataModule(StreamDataModule):
             self.order = torch.arange(len(self.dataset))
 
     @override
-    def predict_dataloader(self) -> DataLoader:
-        return episode_loader(self)
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return collate_episodes

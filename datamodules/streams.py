@@ -13,7 +13,8 @@ seeds (and so episodic methods' predictions) do not depend on the stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -130,7 +131,11 @@ class StreamDataModule(pl.LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return StreamSampler(self.order, self.batch_size, rank, world_size, self.start_batch)
 
+    def collate_fn(self) -> Callable[[list[Any]], Any] | None:
+        """How the loader makes a batch of items (``None``: PyTorch's default collate)."""
+        return None
+
     @override
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, collate_fn=self.collate_fn())
