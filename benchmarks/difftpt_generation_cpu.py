@@ -28,14 +28,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     images = render_domain("blur", 3, args.images, seed=10_000).images
     seeds = list(range(args.images))
-    print(f"tiny random pipeline ({TINY_PIPELINE}), {args.images} world images x 63 views, guidance 3, "
-          f"batches of 32 views, {args.threads} CPU thread(s)")
+    print(
+        f"tiny random pipeline ({TINY_PIPELINE}), {args.images} world images x 63 views, guidance 3, "
+        f"batches of 32 views, {args.threads} CPU thread(s)"
+    )
     print("| denoising steps | ms / view (generation) | ms / image (cache read, 63 views) |")
     print("|---|---|---|")
     for steps in (2, 10, 50):
         with tempfile.TemporaryDirectory() as cache:
-            generator = DiffusionViewGenerator(TINY_PIPELINE, num_inference_steps=steps, output_size=64,
-                                               cache_dir=cache).load()
+            generator = DiffusionViewGenerator(
+                TINY_PIPELINE, num_inference_steps=steps, output_size=64, cache_dir=cache
+            ).load()
             generator.views(images[:1], [999])  # warm-up
             start = time.perf_counter()
             generator.views(images, seeds)

@@ -16,7 +16,8 @@ import time
 import torch
 
 from tta.methods.lame import laplacian_adjust
-from tta.models import ZeroShotClassifier, create_vlm
+from tta.models import create_vlm
+from tta.tasks import ZeroShotClassifier
 from tta.world import CLASS_NAMES, render_domain
 
 
@@ -40,8 +41,13 @@ def main() -> None:
     with torch.inference_mode():
         out = module(images)
         zero_shot = median_ms(lambda: module(images), args.repeats)
-        rows = [(affinity, median_ms(lambda a=affinity: laplacian_adjust(out["probs"], out["image_features"], a),
-                                     args.repeats)) for affinity in ("rbf", "knn", "linear")]
+        rows = [
+            (
+                affinity,
+                median_ms(lambda a=affinity: laplacian_adjust(out["probs"], out["image_features"], a), args.repeats),
+            )
+            for affinity in ("rbf", "knn", "linear")
+        ]
     print(f"batch of {args.batch}, {len(CLASS_NAMES)} classes, tiny CLIP, {torch.get_num_threads()} CPU threads")
     print("| step | ms per batch | added to zero-shot |")
     print("|---|---|---|")

@@ -29,8 +29,9 @@ from torchmetrics.functional.classification import binary_auroc
 from tta.callbacks import SearchTTA
 from tta.datamodules.search import WorldEpisodes, collate_episodes
 from tta.methods.search import search_with_tta, zero_shot_scores
-from tta.models import SearchEpisodeRunner, create_vlm
-from tta.models.search_runner import episode_query
+from tta.models import create_vlm
+from tta.tasks import SearchEpisodeRunner
+from tta.tasks.search_runner import episode_query
 from tta.world.search import SearchWorld
 
 ARMS = {
@@ -51,8 +52,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20_000)
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--domain", default="clean")
-    parser.add_argument("--with-reference-lr", action="store_true",
-                        help="add the arm at the reference learning rates (doubles the run time)")
+    parser.add_argument(
+        "--with-reference-lr",
+        action="store_true",
+        help="add the arm at the reference learning rates (doubles the run time)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_world.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -62,8 +66,9 @@ def main() -> None:
     greedy = SearchEpisodeRunner(vlm, planner="greedy", budget=args.budget)
     lawnmower = SearchEpisodeRunner(vlm, planner="lawnmower", budget=args.budget)
     callbacks = {name: SearchTTA(lr_start=lrs[0], lr_end=lrs[1], seed=0) for name, lrs in ARMS.items() if lrs}
-    episodes = WorldEpisodes([args.seed + k for k in range(args.episodes)], [args.domain] * args.episodes, 3,
-                             SearchWorld(), "text")
+    episodes = WorldEpisodes(
+        [args.seed + k for k in range(args.episodes)], [args.domain] * args.episodes, 3, SearchWorld(), "text"
+    )
     rows = []
     started = time.perf_counter()
     for k in range(args.episodes):
@@ -71,8 +76,11 @@ def main() -> None:
         with torch.no_grad():
             scores = zero_shot_scores(vlm, batch["image"][0], (16, 16), episode_query(batch, 0))
         counts = batch["counts"][0]
-        row = {"episode": k, "n_targets": int(counts.sum()),
-               "map_auroc": float(binary_auroc(scores, (counts.flatten() > 0).long()))}
+        row = {
+            "episode": k,
+            "n_targets": int(counts.sum()),
+            "map_auroc": float(binary_auroc(scores, (counts.flatten() > 0).long())),
+        }
         results = {"lawnmower": lawnmower.search(batch, 0), "greedy, unadapted map": greedy.search(batch, 0)}
         for name, callback in callbacks.items():
             cpu_start = time.process_time()
@@ -82,8 +90,11 @@ def main() -> None:
         for name, result in results.items():
             row[name] = result
         rows.append(row)
-        print(f"episode {k}: {row['n_targets']} targets, map AUROC {row['map_auroc']:.2f}, found "
-              + ", ".join(f"{r.found}" for r in results.values()), flush=True)
+        print(
+            f"episode {k}: {row['n_targets']} targets, map AUROC {row['map_auroc']:.2f}, found "
+            + ", ".join(f"{r.found}" for r in results.values()),
+            flush=True,
+        )
     total_s = time.perf_counter() - started
     report = make_report(rows, args, total_s)
     print(report)
@@ -96,27 +107,42 @@ def write_episode_csv(rows: list[dict], path: Path) -> None:
     names = list(ARMS)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["episode", "n_targets", "map_auroc"] + [f"found[{n}]" for n in names]
-                        + [f"updates[{n}]" for n in names if ARMS[n]])
+        writer.writerow(
+            ["episode", "n_targets", "map_auroc"]
+            + [f"found[{n}]" for n in names]
+            + [f"updates[{n}]" for n in names if ARMS[n]]
+        )
         for row in rows:
-            writer.writerow([row["episode"], row["n_targets"], f"{row['map_auroc']:.4f}"]
-                            + [row[n].found for n in names] + [row[n].n_updates for n in names if ARMS[n]])
+            writer.writerow(
+                [row["episode"], row["n_targets"], f"{row['map_auroc']:.4f}"]
+                + [row[n].found for n in names]
+                + [row[n].n_updates for n in names if ARMS[n]]
+            )
 
 
 def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> str:
     names = list(ARMS)
     baseline = "greedy, unadapted map"
     lines = [
-        f"# Search-TTA on the offline world ({len(rows)} episodes, domain {args.domain})", "",
+        f"# Search-TTA on the offline world ({len(rows)} episodes, domain {args.domain})",
+        "",
         f"`python benchmarks/search_world.py --episodes {args.episodes}"
         f"{' --with-reference-lr' if args.with_reference_lr else ''}` (seeds {args.seed}-{args.seed + len(rows) - 1}; "
         f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, shipped tta-world-clip, "
         f"1 CPU thread; whole run {total_s / 60:.1f} min, load average at the end {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores).", "",
+        f"{os.cpu_count()} cores).",
+        "",
         "Fraction found: per episode, targets found within the budget / targets in the episode; mean +- std over "
-        "episodes. ms / update: median wall time of one update (reset, forward and backward on the visited cells, Adam step, re-encoding all 256 cells); CPU ms / update: the process CPU time of the whole adapted episode (session set-up and planning included) per update, median over episodes: the cost on an unshared core (the wall time was measured on a 2-core machine shared with other jobs, load average in the header). Steps: mean over the episodes that reached that target (how many in brackets). W/T/L: episodes "
-        f"where the arm found more / as many / fewer targets than the {baseline}.", "",
-        "| arm | fraction found | std | targets found (pooled) | steps to first | to middle | to last | W/T/L vs unadapted | updates / episode | ms / update (wall) | CPU ms / update |",
+        "episodes. ms / update: median wall time of one update (reset, forward and backward on the visited "
+        "cells, Adam step, re-encoding all 256 cells); CPU ms / update: the process CPU time of the whole "
+        "adapted episode (session set-up and planning included) per update, median over episodes: the cost on "
+        "an unshared core (the wall time was measured on a 2-core machine shared with other jobs, load average "
+        "in the header). Steps: mean over the episodes that reached that target (how many in brackets). "
+        "W/T/L: episodes "
+        f"where the arm found more / as many / fewer targets than the {baseline}.",
+        "",
+        "| arm | fraction found | std | targets found (pooled) | steps to first | to middle | to last "
+        "| W/T/L vs unadapted | updates / episode | ms / update (wall) | CPU ms / update |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     total_targets = sum(r["n_targets"] for r in rows)
@@ -139,26 +165,33 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
             f"{100 * sum(r.found for r in results) / total_targets:.1f}% | {steps['first']} | {steps['middle']} | "
             f"{steps['last']} | {wtl} | {fmt(statistics.fmean(updates)) if ARMS[name] else '-'} | "
             f"{fmt(statistics.median(costs), '.0f') if costs else '-'} | "
-            f"{fmt(statistics.median(cpu), '.0f') if cpu else '-'} |")
+            f"{fmt(statistics.median(cpu), '.0f') if cpu else '-'} |"
+        )
     paired = [name for name in names if ARMS[name]]
     for name in paired:
         diffs = [100 * (r[name].found_fraction - r[baseline].found_fraction) for r in rows if r["n_targets"]]
         error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        lines += ["", f"{name} minus the unadapted map, paired over episodes: {statistics.fmean(diffs):+.1f} points "
-                  f"of fraction found (standard error {error:.1f})."]
+        lines += [
+            "",
+            f"{name} minus the unadapted map, paired over episodes: {statistics.fmean(diffs):+.1f} points "
+            f"of fraction found (standard error {error:.1f}).",
+        ]
     # the gain by the quality of the zero-shot map
-    lines += ["", "Mean fraction found by the quality of the zero-shot map (AUROC of the cell scores for "
-              "\"the cell holds a target\"; episodes split at the AUROC terciles):", "",
-              "| zero-shot map AUROC | episodes | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Mean fraction found by the quality of the zero-shot map (AUROC of the cell scores for "
+        '"the cell holds a target"; episodes split at the AUROC terciles):',
+        "",
+        "| zero-shot map AUROC | episodes | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     ordered = sorted(rows, key=lambda r: r["map_auroc"])
-    thirds = [ordered[i * len(ordered) // 3:(i + 1) * len(ordered) // 3] for i in range(3)]
+    thirds = [ordered[i * len(ordered) // 3 : (i + 1) * len(ordered) // 3] for i in range(3)]
     for group in thirds:
         if not group:
             continue
         span = f"{group[0]['map_auroc']:.2f}-{group[-1]['map_auroc']:.2f}"
-        cells = [f"{100 * statistics.fmean(r[n].found_fraction for r in group if r['n_targets']):.1f}%"
-                 for n in names]
+        cells = [f"{100 * statistics.fmean(r[n].found_fraction for r in group if r['n_targets']):.1f}%" for n in names]
         lines.append(f"| {span} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", f"Per-episode numbers: `{args.out.stem}_episodes.csv`.", ""]
     return "\n".join(lines)

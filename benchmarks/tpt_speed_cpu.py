@@ -47,8 +47,8 @@ def ours(vlm, prompt, images, seeds, n_views=64, batch=16):
     out = []
     for i in range(0, len(seeds), batch):
         with torch.no_grad():
-            views = make_views(images[i:i + batch], n_views, seeds[i:i + batch])
-            features = vlm.encode_image(views.flatten(0, 1), batch_size=64).view(len(seeds[i:i + batch]), n_views, -1)
+            views = make_views(images[i : i + batch], n_views, seeds[i : i + batch])
+            features = vlm.encode_image(views.flatten(0, 1), batch_size=64).view(len(seeds[i : i + batch]), n_views, -1)
         out.append(tpt_adapt(prompt, features, vlm.logits).logits)
     return torch.cat(out)
 
@@ -74,26 +74,40 @@ def main() -> None:
     straightforward_tpt(vlm, full_prompt, images[0], seeds[0])
 
     ours_logits, ours_s = timed(ours, vlm, fast_prompt, images, seeds, batch=args.batch)
-    ref_logits, ref_s = timed(lambda: torch.stack([straightforward_tpt(vlm, full_prompt, im, s)
-                                                   for im, s in zip(images, seeds)]))
+    ref_logits, ref_s = timed(
+        lambda: torch.stack([straightforward_tpt(vlm, full_prompt, im, s) for im, s in zip(images, seeds)])
+    )
     # the parts: views + image tower (same in both), and the adaptation itself
     with torch.no_grad():
-        feats, enc_s = timed(lambda: torch.stack([vlm.encode_image(make_views(images[i:i + 1], 64, [seeds[i]])[0])
-                                                  for i in range(args.images)]))
-    _, ours_adapt_s = timed(lambda: [tpt_adapt(fast_prompt, feats[i:i + args.batch], vlm.logits)
-                                     for i in range(0, args.images, args.batch)])
-    _, ref_adapt_s = timed(lambda: [tpt_adapt(full_prompt, feats[i:i + 1], vlm.logits) for i in range(args.images)])
+        feats, enc_s = timed(
+            lambda: torch.stack(
+                [vlm.encode_image(make_views(images[i : i + 1], 64, [seeds[i]])[0]) for i in range(args.images)]
+            )
+        )
+    _, ours_adapt_s = timed(
+        lambda: [
+            tpt_adapt(fast_prompt, feats[i : i + args.batch], vlm.logits) for i in range(0, args.images, args.batch)
+        ]
+    )
+    _, ref_adapt_s = timed(lambda: [tpt_adapt(full_prompt, feats[i : i + 1], vlm.logits) for i in range(args.images)])
 
     same = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     diff = (ours_logits - ref_logits).abs().max().item()
     n = args.images
-    print(f"tiny CLIP, {len(CLASS_NAMES)} classes, 64 views, {n} images, {torch.get_num_threads()} CPU threads; "
-          f"text sequence {fast_prompt.seq_len} vs {full_prompt.seq_len} tokens")
+    print(
+        f"tiny CLIP, {len(CLASS_NAMES)} classes, 64 views, {n} images, {torch.get_num_threads()} CPU threads; "
+        f"text sequence {fast_prompt.seq_len} vs {full_prompt.seq_len} tokens"
+    )
     print("| implementation | ms / image (whole TPT) | ms / image (adaptation only) |")
     print("|---|---|---|")
-    print(f"| straightforward: one image at a time, full-length text | {1000 * ref_s / n:.1f} | {1000 * ref_adapt_s / n:.1f} |")
-    print(f"| ours: {args.batch} images at once, text cut at the last end-of-text | {1000 * ours_s / n:.1f} | "
-          f"{1000 * ours_adapt_s / n:.1f} |")
+    print(
+        f"| straightforward: one image at a time, full-length text | {1000 * ref_s / n:.1f} | "
+        f"{1000 * ref_adapt_s / n:.1f} |"
+    )
+    print(
+        f"| ours: {args.batch} images at once, text cut at the last end-of-text | {1000 * ours_s / n:.1f} | "
+        f"{1000 * ours_adapt_s / n:.1f} |"
+    )
     print(f"| speed-up | {ref_s / ours_s:.2f}x | {ref_adapt_s / ours_adapt_s:.2f}x |")
     print(f"views + image tower alone (shared by both): {1000 * enc_s / n:.1f} ms / image")
     print(f"same predictions: {100 * same:.1f}% of images; max |logit difference| {diff:.2e}")

@@ -74,7 +74,7 @@ def main() -> None:
 
     def view_features(i: int, b: int, autocast) -> torch.Tensor:
         with torch.no_grad(), autocast():
-            views = make_views(images[i:i + b], args.views, seeds[i:i + b])
+            views = make_views(images[i : i + b], args.views, seeds[i : i + b])
             return vlm.encode_image(views.flatten(0, 1)).float().view(b, args.views, -1)
 
     def zero_shot():
@@ -108,8 +108,9 @@ def main() -> None:
 
     def our_tpt():
         for i in range(0, n, args.batch):
-            tpt_adapt(prompt, view_features(i, args.batch, bf16), vlm.logits, autocast=bf16(),
-                      checkpoint=True).logits.argmax(-1)
+            tpt_adapt(
+                prompt, view_features(i, args.batch, bf16), vlm.logits, autocast=bf16(), checkpoint=True
+            ).logits.argmax(-1)
 
     basis = spectral_basis(class_features)
 
@@ -118,21 +119,31 @@ def main() -> None:
             sts_adapt(view_features(i, args.batch, bf16), class_features, basis, vlm.logits).logits.argmax(-1)
 
     rows = []
-    for name, fn in (("zero-shot, 64 views (bf16)", zero_shot), ("reference-style TPT (fp16 autocast, 77 tokens, 1 image)", reference_tpt),
-                     (f"our TPT (bf16 autocast, {prompt.seq_len} tokens, 1 image at a time)", our_tpt_one),
-                     (f"our TPT (bf16 autocast, {prompt.seq_len} tokens, {args.batch} images at once, "
-                      "checkpointed text blocks)", our_tpt),
-                     ("our STS (64 views, bf16 encoders)", our_sts)):
+    for name, fn in (
+        ("zero-shot, 64 views (bf16)", zero_shot),
+        ("reference-style TPT (fp16 autocast, 77 tokens, 1 image)", reference_tpt),
+        (f"our TPT (bf16 autocast, {prompt.seq_len} tokens, 1 image at a time)", our_tpt_one),
+        (
+            f"our TPT (bf16 autocast, {prompt.seq_len} tokens, {args.batch} images at once, checkpointed text blocks)",
+            our_tpt,
+        ),
+        ("our STS (64 views, bf16 encoders)", our_sts),
+    ):
         fn()  # warm-up
         seconds, peak = measure(fn, device)
         rows.append((name, 1000 * seconds / n, peak))
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} | ViT-B/16 random weights | {len(names)} classes | {args.views} views | {n} images")
+    print(
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} | ViT-B/16 random weights | "
+        f"{len(names)} classes | {args.views} views | {n} images"
+    )
     print("| run | ms / image | peak GB |")
     print("|---|---|---|")
     for name, ms, peak in rows:
         print(f"| {name} | {ms:.1f} | {peak:.2f} |")
-    print(f"STS / zero-shot time: {rows[4][1] / rows[0][1]:.2f}x (target <= 1.3x); TPT: {rows[3][1]:.1f} ms, "
-          f"{rows[3][2]:.2f} GB (targets <= 25 ms, <= 4 GB), {rows[1][1] / rows[3][1]:.2f}x faster than the reference")
+    print(
+        f"STS / zero-shot time: {rows[4][1] / rows[0][1]:.2f}x (target <= 1.3x); TPT: {rows[3][1]:.1f} ms, "
+        f"{rows[3][2]:.2f} GB (targets <= 25 ms, <= 4 GB), {rows[1][1] / rows[3][1]:.2f}x faster than the reference"
+    )
 
 
 if __name__ == "__main__":

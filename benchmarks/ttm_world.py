@@ -27,7 +27,8 @@ import torch
 from tta.callbacks import TTM
 from tta.datamodules import WorldGroupsDataModule
 from tta.metrics.groups import group_match, group_score
-from tta.models import GroupScorer, create_vlm
+from tta.models import create_vlm
+from tta.tasks import GroupScorer
 from tta.world import SHIFTS
 from tta.world.groups import SWAP_KINDS, render_groups
 
@@ -35,8 +36,10 @@ from tta.world.groups import SWAP_KINDS, render_groups
 @torch.no_grad()
 def sweep(vlm, n: int, seed: int) -> list[str]:
     cells = [("clean", 1)] + [(shift, s) for s in (1, 3) for shift in SHIFTS]
-    lines = ["| kind | " + " | ".join("clean" if d == "clean" else f"{d}@{s}" for d, s in cells) + " |",
-             "|---|" + "---:|" * len(cells)]
+    lines = [
+        "| kind | " + " | ".join("clean" if d == "clean" else f"{d}@{s}" for d, s in cells) + " |",
+        "|---|" + "---:|" * len(cells),
+    ]
     for kind in SWAP_KINDS:
         values = []
         for domain, severity in cells:
@@ -44,36 +47,47 @@ def sweep(vlm, n: int, seed: int) -> list[str]:
             images = vlm.encode_image(groups.images.flatten(0, 1), batch_size=256).view(n, 2, -1)
             texts = vlm.encode_text(vlm.tokenize([c for pair in groups.captions for c in pair])).view(n, 2, -1)
             scores = vlm.logits(images, texts)
-            values.append(f"{100 * group_score(scores).float().mean():.1f} / "
-                          f"{100 * group_match(scores).float().mean():.1f}")
+            values.append(
+                f"{100 * group_score(scores).float().mean():.1f} / {100 * group_match(scores).float().mean():.1f}"
+            )
         lines.append(f"| {kind} | " + " | ".join(values) + " |")
     return lines
 
 
 def run_ttm(vlm, domains: list[str], n_per_cell: int, seed: int, lr: float, epochs: int) -> tuple[dict, TTM, float]:
     module = GroupScorer(vlm)
-    datamodule = WorldGroupsDataModule(kinds=["colour", "shape"], domains=domains, n_per_cell=n_per_cell, seed=seed,
-                                       image_size=vlm.image_size[0])
+    datamodule = WorldGroupsDataModule(
+        kinds=["colour", "shape"], domains=domains, n_per_cell=n_per_cell, seed=seed, image_size=vlm.image_size[0]
+    )
     callback = TTM(lr=lr, epochs=epochs)
-    trainer = pl.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
     start = time.perf_counter()
     outputs = trainer.predict(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    rows = [{k: "" if v is None else str(v) for k, v in row.items()}
-            for out in outputs for row in module.prediction_rows(out)]
+    rows = [
+        {k: "" if v is None else str(v) for k, v in row.items()}
+        for out in outputs
+        for row in module.prediction_rows(out)
+    ]
     return module.summarize_predictions(rows), callback, seconds
 
 
 def effect_table(summary: dict) -> list[str]:
-    lines = ["| kind / domain | groups | GroupScore raw | GroupMatch raw | GroupScore TTM | GroupMatch TTM | "
-             "text / image score raw | text / image score TTM |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| kind / domain | groups | GroupScore raw | GroupMatch raw | GroupScore TTM | GroupMatch TTM | "
+        "text / image score raw | text / image score TTM |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def row(name: str, m: dict) -> str:
         pct = {k: 100 * v for k, v in m.items() if isinstance(v, float)}
-        return (f"| {name} | {m['n']} | {pct['group_score_zs']:.1f} | {pct['group_match_zs']:.1f} | "
-                f"{pct['group_score']:.1f} | {pct['group_match']:.1f} | {pct['text_score_zs']:.1f} / "
-                f"{pct['image_score_zs']:.1f} | {pct['text_score']:.1f} / {pct['image_score']:.1f} |")
+        return (
+            f"| {name} | {m['n']} | {pct['group_score_zs']:.1f} | {pct['group_match_zs']:.1f} | "
+            f"{pct['group_score']:.1f} | {pct['group_match']:.1f} | {pct['text_score_zs']:.1f} / "
+            f"{pct['image_score_zs']:.1f} | {pct['text_score']:.1f} / {pct['image_score']:.1f} |"
+        )
 
     for kind, m in summary["kinds"].items():
         lines.append(row(f"kind {kind}", m))
@@ -84,15 +98,21 @@ def effect_table(summary: dict) -> list[str]:
 
 
 def rounds_table(callback: TTM) -> list[str]:
-    lines = ["| round | tau | peak lr | pseudo-labelled groups | their precision | steps | seconds |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| round | tau | peak lr | pseudo-labelled groups | their precision | steps | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in callback.ttm_rounds:
         precision = "-" if r["precision"] is None else f"{100 * r['precision']:.1f}%"
-        lines.append(f"| {r['round']} | {r['tau']:.2f} | {r['peak_lr']:.2e} | {r['selected']} | {precision} | "
-                     f"{r['steps']} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['round']} | {r['tau']:.2f} | {r['peak_lr']:.2e} | {r['selected']} | {precision} | "
+            f"{r['steps']} | {r['seconds']:.1f} |"
+        )
     total = sum(r["seconds"] for r in callback.ttm_rounds)
-    lines.append(f"| all | | | | | {sum(r['steps'] for r in callback.ttm_rounds)} | {total:.1f} "
-                 f"({total / len(callback.ttm_rounds):.1f} per round) |")
+    lines.append(
+        f"| all | | | | | {sum(r['steps'] for r in callback.ttm_rounds)} | {total:.1f} "
+        f"({total / len(callback.ttm_rounds):.1f} per round) |"
+    )
     return lines
 
 
@@ -100,8 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ttm_world.md")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="tta-world-clip", help="a world model (TTM's loss follows it: "
-                        "InfoNCE for tta-world-clip, sigmoid for a model with a logit bias)")
+    parser.add_argument(
+        "--model",
+        default="tta-world-clip",
+        help="a world model (TTM's loss follows it: InfoNCE for tta-world-clip, sigmoid for a model with a logit bias)",
+    )
     parser.add_argument("--sweep-n", type=int, default=200)
     parser.add_argument("--n-per-cell", type=int, default=150, help="groups per kind and domain for TTM")
     parser.add_argument("--seed", type=int, default=10_000)
@@ -114,20 +137,31 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     vlm = create_vlm(args.model)
     start = time.perf_counter()
-    lines = [f"# TTM on the offline world's compositional groups ({args.model}, CPU, {args.threads} thread(s))",
-             "", f"`python benchmarks/ttm_world.py {' '.join(sys.argv[1:])}`; groups of seed {args.seed}.", ""]
+    lines = [
+        f"# TTM on the offline world's compositional groups ({args.model}, CPU, {args.threads} thread(s))",
+        "",
+        f"`python benchmarks/ttm_world.py {' '.join(sys.argv[1:])}`; groups of seed {args.seed}.",
+        "",
+    ]
     if not args.skip_sweep:
-        lines += [f"## Zero-shot GroupScore / GroupMatch (%) per swap kind and domain, {args.sweep_n} groups a cell",
-                  "", *sweep(vlm, args.sweep_n, args.seed)]
+        lines += [
+            f"## Zero-shot GroupScore / GroupMatch (%) per swap kind and domain, {args.sweep_n} groups a cell",
+            "",
+            *sweep(vlm, args.sweep_n, args.seed),
+        ]
     print("\n".join(lines), flush=True)
     sets = [("colour and shape swaps, clean", ["clean"], args.n_per_cell)]
     if not args.skip_shifted:
         sets.append(("colour and shape swaps under mild shifts", ["noise@1", "texture@1"], args.n_per_cell // 2))
     for title, domains, n in sets:
         summary, callback, seconds = run_ttm(vlm, domains, n, args.seed, args.lr, args.epochs)
-        block = ["", f"## TTM: {title} ({summary['n']} groups; lr {args.lr:g}, {args.epochs} epochs a round, "
-                 f"10 rounds; predict incl. TTM {seconds:.0f} s)", ""]
-        block += effect_table(summary) + ["", "Rounds:", ""] + rounds_table(callback)
+        block = [
+            "",
+            f"## TTM: {title} ({summary['n']} groups; lr {args.lr:g}, {args.epochs} epochs a round, "
+            f"10 rounds; predict incl. TTM {seconds:.0f} s)",
+            "",
+        ]
+        block += [*effect_table(summary), "", "Rounds:", "", *rounds_table(callback)]
         print("\n".join(block), flush=True)
         lines += block
     lines += ["", f"Total benchmark time: {time.perf_counter() - start:.0f} s."]

@@ -11,5 +11,17 @@ from tta.callbacks.ttm import TTM
 from tta.callbacks.views import ViewAverage
 from tta.callbacks.writer import PredictionWriter
 
-__all__ = ["LAME", "DiffTPT", "STS", "TPT", "TTM", "EpisodicTTA", "PredictionWriter", "SearchTTA", "SetTTA", "TTACallback",
-           "TTAProgressBar", "ViewAverage"]
+__all__ = [
+    "LAME",
+    "STS",
+    "TPT",
+    "TTM",
+    "DiffTPT",
+    "EpisodicTTA",
+    "PredictionWriter",
+    "SearchTTA",
+    "SetTTA",
+    "TTACallback",
+    "TTAProgressBar",
+    "ViewAverage",
+]

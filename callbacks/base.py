@@ -55,8 +55,15 @@ class TTACallback(pl.Callback):
     method_name = "tta"
 
     @override
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                             batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: dict[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         n = len(batch["index"])
         if n == 0:  # every image of the batch failed to decode: nothing to adapt
             return
@@ -72,8 +79,9 @@ class TTACallback(pl.Callback):
         outputs["probs"] = logits.detach().float().softmax(-1)
         outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + elapsed_ms / n
 
-    def process_batch(self, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                      batch: dict[str, Any]) -> torch.Tensor:
+    def process_batch(
+        self, pl_module: pl.LightningModule, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> torch.Tensor:
         """The batch's adapted logits (``B x C``)."""
         raise NotImplementedError
 
@@ -98,8 +106,14 @@ class EpisodicTTA(TTACallback):
 
     method_name = "episodic"
 
-    def __init__(self, n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
-                 view_batch_size: int = 64, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        n_views: int = 64,
+        views: str = "crop_flip",
+        images_per_step: int = 16,
+        view_batch_size: int = 64,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1 (the original image counts as one), got {n_views}")
@@ -117,22 +131,29 @@ class EpisodicTTA(TTACallback):
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not hasattr(pl_module, "vlm") or not hasattr(pl_module, "text_features"):
-            raise TypeError(f"{type(self).__name__} adapts a vision-language classifier: use "
-                            f"tta.models.ZeroShotClassifier (got {type(pl_module).__name__})")
+            raise TypeError(
+                f"{type(self).__name__} adapts a vision-language classifier: use "
+                f"tta.tasks.ZeroShotClassifier (got {type(pl_module).__name__})"
+            )
         self._autocast_dtype = AUTOCAST_DTYPES.get(str(trainer.precision))
         self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         with torch.inference_mode(False):
             self.setup_method(pl_module)
 
     @override
-    def process_batch(self, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                      batch: dict[str, Any]) -> torch.Tensor:
+    def process_batch(
+        self, pl_module: pl.LightningModule, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> torch.Tensor:
         seeds = [sample_seed(self._run_seed, i) for i in batch["index"].tolist()]
         step = self.images_per_step
         with torch.inference_mode(False), torch.enable_grad():
             images = batch["image"].clone()
-            return torch.cat([self.adapt(pl_module, self.encode_views(pl_module, images[i:i + step], seeds[i:i + step]))
-                              for i in range(0, len(seeds), step)])
+            return torch.cat(
+                [
+                    self.adapt(pl_module, self.encode_views(pl_module, images[i : i + step], seeds[i : i + step]))
+                    for i in range(0, len(seeds), step)
+                ]
+            )
 
     def setup_method(self, pl_module: pl.LightningModule) -> None:
         """Build method state that lives for the whole ``predict`` (runs outside inference mode)."""

@@ -34,21 +34,36 @@ class DiffTPT(EpisodicTTA):
 
     method_name = "difftpt"
 
-    def __init__(self, generator: DiffusionViewGenerator, lr: float = 5e-3, steps: int = 4,
-                 cosine_fraction: float = 0.8, selection: float = 0.3, reading: str = "logits",
-                 ctx_init: str = "a photo of a", n_views: int = 64, views: str = "crop_flip",
-                 pregenerate: bool = False, images_per_step: int = 16, view_batch_size: int = 64,
-                 checkpoint_text: bool = False, seed: int | None = None) -> None:
-        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step,
-                         view_batch_size=view_batch_size, seed=seed)
+    def __init__(
+        self,
+        generator: DiffusionViewGenerator,
+        lr: float = 5e-3,
+        steps: int = 4,
+        cosine_fraction: float = 0.8,
+        selection: float = 0.3,
+        reading: str = "logits",
+        ctx_init: str = "a photo of a",
+        n_views: int = 64,
+        views: str = "crop_flip",
+        pregenerate: bool = False,
+        images_per_step: int = 16,
+        view_batch_size: int = 64,
+        checkpoint_text: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+        )
         if not isinstance(generator, DiffusionViewGenerator):
-            raise TypeError(f"generator must be a tta.augment.diffusion.DiffusionViewGenerator, "
-                            f"got {type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a tta.augment.diffusion.DiffusionViewGenerator, got {type(generator).__name__}"
+            )
         if lr <= 0 or steps < 1:
             raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
         if not 0 < cosine_fraction <= 1 or not 0 < selection <= 1:
-            raise ValueError(f"cosine_fraction and selection are kept fractions, in (0, 1]; "
-                             f"got {cosine_fraction} and {selection}")
+            raise ValueError(
+                f"cosine_fraction and selection are kept fractions, in (0, 1]; got {cosine_fraction} and {selection}"
+            )
         if reading not in COSINE_READINGS:
             raise ValueError(f"reading must be one of {COSINE_READINGS}, got {reading!r}")
         if pregenerate and generator.cache_dir is None:
@@ -65,13 +80,16 @@ class DiffTPT(EpisodicTTA):
         if self.pregenerate:
             # a fresh loader: iterating the trainer's own one would advance the loop's batch sampler
             if trainer.datamodule is None:
-                raise ValueError("pregenerate walks the datamodule's predict_dataloader(): call "
-                                 "trainer.predict(module, datamodule=...), or fill the cache yourself with "
-                                 "generator.fill_cache(batches, sample_seed) and pregenerate=False")
+                raise ValueError(
+                    "pregenerate walks the datamodule's predict_dataloader(): call "
+                    "trainer.predict(module, datamodule=...), or fill the cache yourself with "
+                    "generator.fill_cache(batches, sample_seed) and pregenerate=False"
+                )
             start = time.perf_counter()
             with torch.inference_mode(False):
-                self.generator.fill_cache(trainer.datamodule.predict_dataloader(),
-                                          lambda i: sample_seed(self._run_seed, i), pl_module.device)
+                self.generator.fill_cache(
+                    trainer.datamodule.predict_dataloader(), lambda i: sample_seed(self._run_seed, i), pl_module.device
+                )
             self.generation_s = time.perf_counter() - start
 
     @override
@@ -96,7 +114,17 @@ class DiffTPT(EpisodicTTA):
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
         device = view_features.device
-        return difftpt_adapt(self.prompt, view_features, pl_module.vlm.logits, n_conventional=self.n_views - 1,
-                             lr=self.lr, steps=self.steps, cosine_fraction=self.cosine_fraction,
-                             selection=self.selection, reading=self.reading, autocast=self.autocast(device),
-                             scaler=self.grad_scaler(device), checkpoint=self.checkpoint_text).logits
+        return difftpt_adapt(
+            self.prompt,
+            view_features,
+            pl_module.vlm.logits,
+            n_conventional=self.n_views - 1,
+            lr=self.lr,
+            steps=self.steps,
+            cosine_fraction=self.cosine_fraction,
+            selection=self.selection,
+            reading=self.reading,
+            autocast=self.autocast(device),
+            scaler=self.grad_scaler(device),
+            checkpoint=self.checkpoint_text,
+        ).logits

@@ -41,12 +41,21 @@ class LAME(TTACallback):
         self.affinity, self.k, self.max_iter, self.tol = affinity, k, max_iter, tol
 
     @override
-    def process_batch(self, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                      batch: dict[str, Any]) -> torch.Tensor:
+    def process_batch(
+        self, pl_module: pl.LightningModule, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> torch.Tensor:
         if "image_features" not in outputs:
-            raise KeyError(f"LAME needs the batch's image features: {type(pl_module).__name__}.predict_step "
-                           "must return 'image_features' (B x D) next to 'probs', as ZeroShotClassifier does")
+            raise KeyError(
+                f"LAME needs the batch's image features: {type(pl_module).__name__}.predict_step "
+                "must return 'image_features' (B x D) next to 'probs', as ZeroShotClassifier does"
+            )
         with torch.no_grad():
-            adjusted = laplacian_adjust(outputs["probs"].float(), outputs["image_features"].float(),
-                                        affinity=self.affinity, k=self.k, max_iter=self.max_iter, tol=self.tol)
+            adjusted = laplacian_adjust(
+                outputs["probs"].float(),
+                outputs["image_features"].float(),
+                affinity=self.affinity,
+                k=self.k,
+                max_iter=self.max_iter,
+                tol=self.tol,
+            )
         return adjusted.clamp_min(torch.finfo(adjusted.dtype).tiny).log()

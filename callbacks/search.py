@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from tta.callbacks.base import sample_seed
 from tta.methods.search import SearchTTASession, search_with_tta
-from tta.models.search_runner import SearchEpisodeRunner, episode_outputs, episode_query
+from tta.tasks.search_runner import SearchEpisodeRunner, episode_outputs, episode_query
 
 
 class SearchTTA(pl.Callback):
@@ -32,8 +32,15 @@ class SearchTTA(pl.Callback):
 
     method_name = "search_tta"
 
-    def __init__(self, lr_start: float = 1e-6, lr_end: float = 1e-5, update_every: int = 20,
-                 positive_weight: float = 4.0, n_regions: int = 4, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        lr_start: float = 1e-6,
+        lr_end: float = 1e-5,
+        update_every: int = 20,
+        positive_weight: float = 4.0,
+        n_regions: int = 4,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if lr_start <= 0 or lr_end <= 0:
             raise ValueError(f"lr_start and lr_end must be > 0, got {lr_start}, {lr_end}")
@@ -50,29 +57,56 @@ class SearchTTA(pl.Callback):
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, SearchEpisodeRunner):
-            raise TypeError(f"SearchTTA adapts search episodes: use tta.models.SearchEpisodeRunner "
-                            f"(got {type(pl_module).__name__})")
+            raise TypeError(
+                f"SearchTTA adapts search episodes: use tta.tasks.SearchEpisodeRunner (got {type(pl_module).__name__})"
+            )
         self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def session(self, runner: SearchEpisodeRunner, batch: dict[str, Any], k: int) -> SearchTTASession:
         """Episode ``k``'s session (build it under ``inference_mode(False)``)."""
         return SearchTTASession(
-            runner.vlm, batch["image"][k].clone(), tuple(int(g) for g in batch["grid"][k]), episode_query(batch, k),
-            total_steps=runner.budget, lr_start=self.lr_start, lr_end=self.lr_end, update_every=self.update_every,
-            positive_weight=self.positive_weight, n_regions=self.n_regions, scale=runner.scale, bias=runner.bias,
-            blur=runner.blur, seed=sample_seed(self._run_seed, int(batch["index"][k])),
-            cell_batch_size=runner.cell_batch_size)
+            runner.vlm,
+            batch["image"][k].clone(),
+            tuple(int(g) for g in batch["grid"][k]),
+            episode_query(batch, k),
+            total_steps=runner.budget,
+            lr_start=self.lr_start,
+            lr_end=self.lr_end,
+            update_every=self.update_every,
+            positive_weight=self.positive_weight,
+            n_regions=self.n_regions,
+            scale=runner.scale,
+            bias=runner.bias,
+            blur=runner.blur,
+            seed=sample_seed(self._run_seed, int(batch["index"][k])),
+            cell_batch_size=runner.cell_batch_size,
+        )
 
     @override
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                             batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: dict[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         results, adapt_ms = [], []
         for k in range(len(batch["index"])):
             start = time.perf_counter()
             with torch.inference_mode(False), torch.enable_grad():
                 session = self.session(pl_module, batch, k)
-                results.append(search_with_tta(session, batch["counts"][k].cpu(), pl_module.budget, pl_module.planner,
-                                               tuple(int(s) for s in batch["start"][k]), pl_module.discount))
+                results.append(
+                    search_with_tta(
+                        session,
+                        batch["counts"][k].cpu(),
+                        pl_module.budget,
+                        pl_module.planner,
+                        tuple(int(s) for s in batch["start"][k]),
+                        pl_module.discount,
+                    )
+                )
             adapt_ms.append((time.perf_counter() - start) * 1000)
         for key, value in episode_outputs(results).items():
             if key != "n_targets":

@@ -21,12 +21,24 @@ class STS(EpisodicTTA):
 
     method_name = "sts"
 
-    def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, lam: float = 1.0,
-                 squared_norm: bool = False, final: str = "original", center: bool = False,
-                 n_views: int = 64, views: str = "crop_flip", images_per_step: int = 64,
-                 view_batch_size: int = 64, seed: int | None = None) -> None:
-        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step,
-                         view_batch_size=view_batch_size, seed=seed)
+    def __init__(
+        self,
+        lr: float = 5e-3,
+        steps: int = 1,
+        selection: float = 0.1,
+        lam: float = 1.0,
+        squared_norm: bool = False,
+        final: str = "original",
+        center: bool = False,
+        n_views: int = 64,
+        views: str = "crop_flip",
+        images_per_step: int = 64,
+        view_batch_size: int = 64,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+        )
         if final not in FINAL_RULES:
             raise ValueError(f"final must be one of {FINAL_RULES}, got {final!r}")
         if lr <= 0 or steps < 1 or lam < 0:
@@ -43,6 +55,15 @@ class STS(EpisodicTTA):
 
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
-        return sts_adapt(view_features, self.class_features, self.basis, pl_module.vlm.logits, lr=self.lr,
-                         steps=self.steps, selection=self.selection, lam=self.lam,
-                         squared_norm=self.squared_norm, final=self.final).logits
+        return sts_adapt(
+            view_features,
+            self.class_features,
+            self.basis,
+            pl_module.vlm.logits,
+            lr=self.lr,
+            steps=self.steps,
+            selection=self.selection,
+            lam=self.lam,
+            squared_norm=self.squared_norm,
+            final=self.final,
+        ).logits

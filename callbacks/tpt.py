@@ -22,11 +22,22 @@ class TPT(EpisodicTTA):
 
     method_name = "tpt"
 
-    def __init__(self, lr: float = 5e-3, steps: int = 1, selection: float = 0.1, ctx_init: str = "a photo of a",
-                 n_views: int = 64, views: str = "crop_flip", images_per_step: int = 16,
-                 view_batch_size: int = 64, checkpoint_text: bool = False, seed: int | None = None) -> None:
-        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step,
-                         view_batch_size=view_batch_size, seed=seed)
+    def __init__(
+        self,
+        lr: float = 5e-3,
+        steps: int = 1,
+        selection: float = 0.1,
+        ctx_init: str = "a photo of a",
+        n_views: int = 64,
+        views: str = "crop_flip",
+        images_per_step: int = 16,
+        view_batch_size: int = 64,
+        checkpoint_text: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+        )
         self.checkpoint_text = checkpoint_text
         if lr <= 0 or steps < 1:
             raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
@@ -42,6 +53,14 @@ class TPT(EpisodicTTA):
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
         device = view_features.device
-        return tpt_adapt(self.prompt, view_features, pl_module.vlm.logits, lr=self.lr, steps=self.steps,
-                         selection=self.selection, autocast=self.autocast(device), scaler=self.grad_scaler(device),
-                         checkpoint=self.checkpoint_text).logits
+        return tpt_adapt(
+            self.prompt,
+            view_features,
+            pl_module.vlm.logits,
+            lr=self.lr,
+            steps=self.steps,
+            selection=self.selection,
+            autocast=self.autocast(device),
+            scaler=self.grad_scaler(device),
+            checkpoint=self.checkpoint_text,
+        ).logits

@@ -15,7 +15,7 @@ from tta.methods.ttm import LOSSES, TestTimeMatching, TTMSchedule
 
 
 class TTM(SetTTA):
-    """Test-time matching (see ``tta.methods.ttm``) for a :class:`~tta.models.GroupScorer`.
+    """Test-time matching (see ``tta.methods.ttm``) for a :class:`~tta.tasks.GroupScorer`.
 
     At ``on_predict_start`` the whole prediction set (every group of the predict dataloader) is
     read once and TTM's rounds run on a deep copy of the module's ``vlm``; the copy is swapped in
@@ -34,12 +34,31 @@ class TTM(SetTTA):
 
     method_name = "ttm"
 
-    def __init__(self, rounds: int = 10, tau_max: float = 2.0, epochs: int = 30, groups_per_batch: int = 50,
-                 lr: float = 1e-5, lr_decay: float = 0.95, min_lr_ratio: float = 0.1, weight_decay: float = 0.05,
-                 loss: str = "auto", seed: int = 0, encode_batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        rounds: int = 10,
+        tau_max: float = 2.0,
+        epochs: int = 30,
+        groups_per_batch: int = 50,
+        lr: float = 1e-5,
+        lr_decay: float = 0.95,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.05,
+        loss: str = "auto",
+        seed: int = 0,
+        encode_batch_size: int = 256,
+    ) -> None:
         super().__init__()
-        self.schedule = TTMSchedule(rounds=rounds, tau_max=tau_max, epochs=epochs, groups_per_batch=groups_per_batch,
-                                    lr=lr, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
+        self.schedule = TTMSchedule(
+            rounds=rounds,
+            tau_max=tau_max,
+            epochs=epochs,
+            groups_per_batch=groups_per_batch,
+            lr=lr,
+            lr_decay=lr_decay,
+            min_lr_ratio=min_lr_ratio,
+            weight_decay=weight_decay,
+        )
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if encode_batch_size < 1:
@@ -54,8 +73,10 @@ class TTM(SetTTA):
     @override
     def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[dict[str, Any]]) -> None:
         if not hasattr(pl_module, "vlm") or any("images" not in b for b in batches):
-            raise TypeError(f"TTM adapts a group scorer on group batches: use tta.models.GroupScorer with a "
-                            f"datamodule from tta.datamodules.compositional (got {type(pl_module).__name__})")
+            raise TypeError(
+                f"TTM adapts a group scorer on group batches: use tta.tasks.GroupScorer with a "
+                f"datamodule from tta.datamodules.compositional (got {type(pl_module).__name__})"
+            )
         batches = [b for b in batches if len(b["index"])]
         if not batches:
             return
@@ -73,13 +94,21 @@ class TTM(SetTTA):
         pl_module.vlm = matching.vlm
 
     @override
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, Any],
-                             batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: dict[str, Any],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         n = len(batch["index"])
         if n == 0 or not self._scores_zs:
             return
         outputs["scores_zs"] = torch.stack([self._scores_zs[i] for i in batch["index"].tolist()]).to(
-            outputs["scores"].device)
+            outputs["scores"].device
+        )
         outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + 1000 * self.fit_seconds / self._n_groups
 
     @override

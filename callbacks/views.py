@@ -15,10 +15,18 @@ class ViewAverage(EpisodicTTA):
 
     method_name = "views"
 
-    def __init__(self, selection: float = 0.1, n_views: int = 64, views: str = "crop_flip",
-                 images_per_step: int = 64, view_batch_size: int = 64, seed: int | None = None) -> None:
-        super().__init__(n_views=n_views, views=views, images_per_step=images_per_step,
-                         view_batch_size=view_batch_size, seed=seed)
+    def __init__(
+        self,
+        selection: float = 0.1,
+        n_views: int = 64,
+        views: str = "crop_flip",
+        images_per_step: int = 64,
+        view_batch_size: int = 64,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+        )
         if not 0 < selection <= 1:
             raise ValueError(f"selection is the kept fraction of views, in (0, 1]; got {selection}")
         self.selection = selection

@@ -134,9 +134,11 @@ class _Part:
         if self.progress.is_file():
             state = json.loads(self.progress.read_text())
             if state["run_key"] != self.run_key or tuple(state["columns"]) != self.columns:
-                raise ValueError(f"{self.directory} holds the results of a different run ({state['run_key']}): "
-                                 "rerun the same command to resume it, or write to an empty directory "
-                                 "(e.g. hydra.run.dir=<new dir>)")
+                raise ValueError(
+                    f"{self.directory} holds the results of a different run ({state['run_key']}): "
+                    "rerun the same command to resume it, or write to an empty directory "
+                    "(e.g. hydra.run.dir=<new dir>)"
+                )
             self.batches = list(state["batches"])
             self.skipped_images = int(state["skipped_images"])
             # rows written after the last recorded batch belong to a batch that did not finish
@@ -148,8 +150,9 @@ class _Part:
             self.predictions.write_text(",".join(self.columns) + "\n")
             self.timing.write_text(",".join(TIMING_COLUMNS) + "\n")
             self._save()
-        self._predictions = open(self.predictions, "a", newline="")
-        self._timing = open(self.timing, "a", newline="")
+        # kept open for the whole run (appended batch by batch), closed in close()
+        self._predictions = open(self.predictions, "a", newline="")  # noqa: SIM115
+        self._timing = open(self.timing, "a", newline="")  # noqa: SIM115
         return len(self.batches)
 
     def append(self, rows: list[dict[str, Any]], timing: list[dict[str, Any]], skipped_images: int) -> None:
@@ -168,11 +171,18 @@ class _Part:
         self._save()
 
     def _save(self) -> None:
-        _write_json_atomic(self.progress, {
-            "run_key": self.run_key, "columns": list(self.columns), "batches": self.batches,
-            "skipped_images": self.skipped_images, "peak_mem_mb": self.peak_mem_mb,
-            "predictions_bytes": self.predictions.stat().st_size, "timing_bytes": self.timing.stat().st_size,
-        })
+        _write_json_atomic(
+            self.progress,
+            {
+                "run_key": self.run_key,
+                "columns": list(self.columns),
+                "batches": self.batches,
+                "skipped_images": self.skipped_images,
+                "peak_mem_mb": self.peak_mem_mb,
+                "predictions_bytes": self.predictions.stat().st_size,
+                "timing_bytes": self.timing.stat().st_size,
+            },
+        )
 
 
 class PredictionWriter(pl.Callback):
@@ -206,8 +216,13 @@ class PredictionWriter(pl.Callback):
         run_info: plain data recorded as ``run`` in ``metrics.json``.
     """
 
-    def __init__(self, output_dir: str | Path = ".", seed: int | None = None, run_key: str | None = None,
-                 run_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path = ".",
+        seed: int | None = None,
+        run_key: str | None = None,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.output_dir = Path(output_dir)
         self.seed, self.run_key, self.run_info = seed, run_key, run_info
@@ -235,14 +250,18 @@ class PredictionWriter(pl.Callback):
         if stage != "predict":
             return
         if not isinstance(pl_module, PredictionTask):
-            raise TypeError(f"PredictionWriter writes what the LightningModule declares: give "
-                            f"{type(pl_module).__name__} prediction_columns, prediction_rows, summarize_predictions "
-                            "and progress_values (see tta.callbacks.writer.PredictionTask)")
+            raise TypeError(
+                f"PredictionWriter writes what the LightningModule declares: give "
+                f"{type(pl_module).__name__} prediction_columns, prediction_rows, summarize_predictions "
+                "and progress_values (see tta.callbacks.writer.PredictionTask)"
+            )
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
         if self._world_size > 1 and not hasattr(trainer.datamodule, "resume_from_batch"):
-            raise ValueError(f"{type(trainer.datamodule).__name__} does not deal whole batches to the "
-                             f"{self._world_size} processes, so their rows cannot be merged in stream order: "
-                             "subclass tta.datamodules.streams.StreamDataModule, or predict on one device")
+            raise ValueError(
+                f"{type(trainer.datamodule).__name__} does not deal whole batches to the "
+                f"{self._world_size} processes, so their rows cannot be merged in stream order: "
+                "subclass tta.datamodules.streams.StreamDataModule, or predict on one device"
+            )
         self._check_world_size()
         directory = self.output_dir
         if self._world_size > 1:
@@ -255,9 +274,11 @@ class PredictionWriter(pl.Callback):
         if hasattr(datamodule, "resume_from_batch"):
             datamodule.resume_from_batch(done)  # 0 too: a datamodule reused from a resumed run starts over
         elif done:
-            raise ValueError(f"{self.output_dir} holds {done} finished batches but {type(datamodule).__name__} "
-                             "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
-                             "or write to an empty directory")
+            raise ValueError(
+                f"{self.output_dir} holds {done} finished batches but {type(datamodule).__name__} "
+                "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
+                "or write to an empty directory"
+            )
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,14 +286,22 @@ class PredictionWriter(pl.Callback):
         self._pending = None
 
     @override
-    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                               batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._flush(pl_module, time.perf_counter())
         self._pending = (None, time.perf_counter(), 0)  # after the flush: this writer's I/O is in no batch's ms
 
     @override
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         skipped = int(batch.get("skipped_images", 0)) if isinstance(batch, dict) else 0
         self._pending = (outputs, self._pending[1], skipped)
 
@@ -292,8 +321,14 @@ class PredictionWriter(pl.Callback):
         if trainer.is_global_zero:
             if self._world_size > 1:
                 self._merge_parts(pl_module.prediction_columns)
-            parts = [self.output_dir / "parts" / f"rank{r}of{self._world_size}" / "progress.json"
-                     for r in range(self._world_size)] if self._world_size > 1 else [self.output_dir / "progress.json"]
+            parts = (
+                [
+                    self.output_dir / "parts" / f"rank{r}of{self._world_size}" / "progress.json"
+                    for r in range(self._world_size)
+                ]
+                if self._world_size > 1
+                else [self.output_dir / "progress.json"]
+            )
             states = [json.loads(p.read_text()) for p in parts]
             peak = max(state["peak_mem_mb"] for state in states)
             skipped = sum(state["skipped_images"] for state in states)
@@ -304,19 +339,31 @@ class PredictionWriter(pl.Callback):
     def _key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.run_key is not None:
             return self.run_key
-        return json.dumps({"method": _method_name(trainer), "model": _model_name(pl_module),
-                           "data": _data_name(trainer), "seed": self.seed}, sort_keys=True)
+        return json.dumps(
+            {
+                "method": _method_name(trainer),
+                "model": _model_name(pl_module),
+                "data": _data_name(trainer),
+                "seed": self.seed,
+            },
+            sort_keys=True,
+        )
 
     def _check_world_size(self) -> None:
         parts = self.output_dir / "parts"
-        other = [p.name for p in parts.glob("rank*of*") if not p.name.endswith(f"of{self._world_size}")] \
-            if parts.is_dir() else []
+        other = (
+            [p.name for p in parts.glob("rank*of*") if not p.name.endswith(f"of{self._world_size}")]
+            if parts.is_dir()
+            else []
+        )
         single = (self.output_dir / "progress.json").is_file() and not parts.is_dir()
         if other or (single and self._world_size > 1):
             found = other[0].split("of")[-1] if other else "1"
-            raise ValueError(f"{self.output_dir} holds a run on {found} process(es) but this one has "
-                             f"{self._world_size}: resume it with the same number of devices, or write to an "
-                             "empty directory")
+            raise ValueError(
+                f"{self.output_dir} holds a run on {found} process(es) but this one has "
+                f"{self._world_size}: resume it with the same number of devices, or write to an "
+                "empty directory"
+            )
 
     def _flush(self, pl_module: pl.LightningModule, now: float) -> None:
         if self._pending is None or self._pending[0] is None:
@@ -328,9 +375,14 @@ class PredictionWriter(pl.Callback):
         rows = pl_module.prediction_rows(outputs) if n else []
         ms = (now - started) * 1000 / max(1, n)
         adapt_ms = outputs.get("adapt_ms")
-        timing = [{"index": row["index"], "ms": f"{ms:.4f}",
-                   "adapt_ms": f"{float(adapt_ms[i]):.4f}" if adapt_ms is not None else f"{0.0:.4f}"}
-                  for i, row in enumerate(rows)]
+        timing = [
+            {
+                "index": row["index"],
+                "ms": f"{ms:.4f}",
+                "adapt_ms": f"{float(adapt_ms[i]):.4f}" if adapt_ms is not None else f"{0.0:.4f}",
+            }
+            for i, row in enumerate(rows)
+        ]
         self._part.append(rows, timing, skipped)
         self._count_progress(pl_module, [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows])
 
@@ -356,19 +408,24 @@ class PredictionWriter(pl.Callback):
             for g in range(sum(len(b) for b in progress)):
                 rank, local = g % self._world_size, g // self._world_size
                 count = progress[rank][local]
-                merged += lines[rank][cursors[rank]:cursors[rank] + count]
+                merged += lines[rank][cursors[rank] : cursors[rank] + count]
                 cursors[rank] += count
             temporary = self.output_dir / (name + ".tmp")
             temporary.write_text("".join(merged))
             os.replace(temporary, self.output_dir / name)
 
-    def _compute_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, peak_mem_mb: float,
-                         skipped_images: int) -> dict[str, Any]:
+    def _compute_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, peak_mem_mb: float, skipped_images: int
+    ) -> dict[str, Any]:
         rows = read_rows(self.predictions_path)
         ms = [float(r["ms"]) for r in read_rows(self.timing_path)]
         adapt_ms = [float(r["adapt_ms"]) for r in read_rows(self.timing_path)]
-        metrics: dict[str, Any] = {"method": _method_name(trainer), "model": _model_name(pl_module),
-                                   "data": _data_name(trainer), "seed": self.seed}
+        metrics: dict[str, Any] = {
+            "method": _method_name(trainer),
+            "model": _model_name(pl_module),
+            "data": _data_name(trainer),
+            "seed": self.seed,
+        }
         summary = pl_module.summarize_predictions(rows)
         domains = summary.pop("domains")
         metrics.update(summary)

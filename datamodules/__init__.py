@@ -39,7 +39,21 @@ from tta.datamodules.imagenet import ImageNetDataModule, ImageNetV2DataModule
 from tta.datamodules.search import EpisodeFolderDataModule, WorldSearchDataModule
 from tta.datamodules.world import WorldDataModule
 
-__all__ = ["CIFAR10CDataModule", "EpisodeFolderDataModule", "FineGrainedDataModule", "GroupDataModule", "ImageFilesDataModule",
-           "ImageFolderDataModule", "ImageNetCDataModule", "ImageNetDataModule", "ImageNetV2DataModule", "MMVPVLMDataModule",
-           "SugarCrepeDataModule", "WhatsUpDataModule", "WinogroundDataModule", "WorldDataModule", "WorldGroupsDataModule",
-           "WorldSearchDataModule"]
+__all__ = [
+    "CIFAR10CDataModule",
+    "EpisodeFolderDataModule",
+    "FineGrainedDataModule",
+    "GroupDataModule",
+    "ImageFilesDataModule",
+    "ImageFolderDataModule",
+    "ImageNetCDataModule",
+    "ImageNetDataModule",
+    "ImageNetV2DataModule",
+    "MMVPVLMDataModule",
+    "SugarCrepeDataModule",
+    "WhatsUpDataModule",
+    "WinogroundDataModule",
+    "WorldDataModule",
+    "WorldGroupsDataModule",
+    "WorldSearchDataModule",
+]

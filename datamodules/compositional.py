@@ -66,12 +66,21 @@ class GroupDataModule(StreamDataModule):
 
     class_names: list[str] = []
 
-    def __init__(self, name: str, domains: Sequence[str], kinds: Sequence[str], image_size: int, batch_size: int,
-                 num_workers: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        domains: Sequence[str],
+        kinds: Sequence[str],
+        image_size: int,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
         super().__init__()
         if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
-            raise ValueError(f"batch_size and image_size must be positive and num_workers >= 0, got {batch_size}, "
-                             f"{image_size}, {num_workers}: fix data.batch_size / image_size / num_workers")
+            raise ValueError(
+                f"batch_size and image_size must be positive and num_workers >= 0, got {batch_size}, "
+                f"{image_size}, {num_workers}: fix data.batch_size / image_size / num_workers"
+            )
         self.name, self.domains, self.kinds = name, list(domains), list(kinds)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.dataset: Dataset | None = None
@@ -99,8 +108,13 @@ class GroupDataModule(StreamDataModule):
     def whole_set_dataloader(self) -> DataLoader:
         """Every group of the prediction set in index order (no rank split, no resume)."""
         self.setup("predict")
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=self.collate_fn())
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
+        )
 
 
 class _TensorGroups(Dataset):
@@ -111,8 +125,13 @@ class _TensorGroups(Dataset):
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
-        return {"images": self.images[i].float() / 255, "captions": self.captions[i], "index": i,
-                "domain": self.domains[i], "kind": self.kinds[i]}
+        return {
+            "images": self.images[i].float() / 255,
+            "captions": self.captions[i],
+            "index": i,
+            "domain": self.domains[i],
+            "kind": self.kinds[i],
+        }
 
 
 class WorldGroupsDataModule(GroupDataModule):
@@ -123,14 +142,24 @@ class WorldGroupsDataModule(GroupDataModule):
     ``seed`` gives the same scenes in every domain. Groups are ordered by domain, then kind.
     """
 
-    def __init__(self, kinds: Sequence[str] | str = SWAP_KINDS, domains: Sequence[str] | str = ("clean",),
-                 severity: int = 3, n_per_cell: int = 100, seed: int = 10_000, image_size: int = 64,
-                 batch_size: int = 50, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        kinds: Sequence[str] | str = SWAP_KINDS,
+        domains: Sequence[str] | str = ("clean",),
+        severity: int = 3,
+        n_per_cell: int = 100,
+        seed: int = 10_000,
+        image_size: int = 64,
+        batch_size: int = 50,
+        num_workers: int = 0,
+    ) -> None:
         kinds = [kinds] if isinstance(kinds, str) else list(kinds)
         domains = list(DOMAINS) if domains == "all" else [domains] if isinstance(domains, str) else list(domains)
         if not kinds or not domains:
-            raise ValueError(f"kinds and domains must not be empty: kinds from {list(SWAP_KINDS)}, "
-                             f"domains from {list(DOMAINS)} (optionally 'name@severity')")
+            raise ValueError(
+                f"kinds and domains must not be empty: kinds from {list(SWAP_KINDS)}, "
+                f"domains from {list(DOMAINS)} (optionally 'name@severity')"
+            )
         for kind in kinds:
             check_swap_kind(kind)
         self.cells = [self._parse_domain(d, severity) for d in domains]
@@ -158,9 +187,17 @@ class WorldGroupsDataModule(GroupDataModule):
                 groups = render_groups(kind, self.n_per_cell, self.seed, domain, severity)
                 pixels = groups.images
                 if pixels.shape[-1] != self.image_size:
-                    pixels = F.interpolate(pixels.flatten(0, 1), size=self.image_size, mode="bilinear",
-                                           antialias=True, align_corners=False).clamp(0, 1).view(
-                        *pixels.shape[:3], self.image_size, self.image_size)
+                    pixels = (
+                        F.interpolate(
+                            pixels.flatten(0, 1),
+                            size=self.image_size,
+                            mode="bilinear",
+                            antialias=True,
+                            align_corners=False,
+                        )
+                        .clamp(0, 1)
+                        .view(*pixels.shape[:3], self.image_size, self.image_size)
+                    )
                 images.append((pixels * 255).round().to(torch.uint8))
                 captions += groups.captions
                 domains += [label] * self.n_per_cell
@@ -194,26 +231,42 @@ class _FileGroups(Dataset):
                     pixels.append(self.transform(image.convert("RGB")).clamp(0, 1))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
-        return {"images": torch.stack(pixels), "captions": list(group.captions), "index": i,
-                "domain": group.domain, "kind": group.kind}
+        return {
+            "images": torch.stack(pixels),
+            "captions": list(group.captions),
+            "index": i,
+            "domain": group.domain,
+            "kind": group.kind,
+        }
 
 
 class GroupFilesDataModule(GroupDataModule):
     """Base of the file readers: a list of :class:`GroupFiles`, checked when built."""
 
-    def __init__(self, groups: Sequence[GroupFiles], name: str, image_size: int, batch_size: int,
-                 num_workers: int, setting: str = "data.root") -> None:
+    def __init__(
+        self,
+        groups: Sequence[GroupFiles],
+        name: str,
+        image_size: int,
+        batch_size: int,
+        num_workers: int,
+        setting: str = "data.root",
+    ) -> None:
         groups = list(groups)
         if not groups:
             raise ValueError(f"no groups found for {name}: check {setting}")
         shapes = {(len(g.images), len(g.captions)) for g in groups}
         if len(shapes) != 1:
-            raise ValueError(f"{name} mixes group shapes {sorted(shapes)} (images, captions): every group "
-                             "of one datamodule needs the same shape; read the files separately")
+            raise ValueError(
+                f"{name} mixes group shapes {sorted(shapes)} (images, captions): every group "
+                "of one datamodule needs the same shape; read the files separately"
+            )
         missing = [str(p) for g in groups for p in g.images if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) listed by {name} are missing, e.g. {missing[:3]}: "
-                                    f"check {setting} (the images must lie where the index file says)")
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) listed by {name} are missing, e.g. {missing[:3]}: "
+                f"check {setting} (the images must lie where the index file says)"
+            )
         domains = list(dict.fromkeys(g.domain for g in groups))
         kinds = list(dict.fromkeys(g.kind for g in groups))
         super().__init__(name, domains, kinds, image_size, batch_size, num_workers)
@@ -227,8 +280,9 @@ class GroupFilesDataModule(GroupDataModule):
 def _root(root: str | Path, name: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{name} folder {path} does not exist: set data.root to the folder holding "
-                                f"the {name} files")
+        raise FileNotFoundError(
+            f"{name} folder {path} does not exist: set data.root to the folder holding the {name} files"
+        )
     return path
 
 
@@ -236,8 +290,10 @@ def _index_file(root: Path, names: Sequence[str], what: str) -> Path:
     for name in names:
         if (root / name).is_file():
             return root / name
-    raise FileNotFoundError(f"no {what} in {root}: expected one of {list(names)}; set data.root to the folder "
-                            f"that holds it (found {sorted(p.name for p in root.iterdir())[:10]})")
+    raise FileNotFoundError(
+        f"no {what} in {root}: expected one of {list(names)}; set data.root to the folder "
+        f"that holds it (found {sorted(p.name for p in root.iterdir())[:10]})"
+    )
 
 
 def _image_path(folder: Path, stem: str, extensions: Sequence[str] = (".png", ".jpg", ".jpeg")) -> Path:
@@ -258,8 +314,15 @@ class WinogroundDataModule(GroupFilesDataModule):
     example's ``tag`` ("Object", "Relation", "Both") where present.
     """
 
-    def __init__(self, root: str | Path, image_dir: str = "images", domain: str = "winoground",
-                 image_size: int = 224, batch_size: int = 50, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        image_dir: str = "images",
+        domain: str = "winoground",
+        image_size: int = 224,
+        batch_size: int = 50,
+        num_workers: int = 0,
+    ) -> None:
         self.root = _root(root, "Winoground")
         index = _index_file(self.root, ["examples.jsonl", "data/examples.jsonl"], "examples.jsonl")
         images = index.parent / image_dir
@@ -269,12 +332,19 @@ class WinogroundDataModule(GroupFilesDataModule):
                 continue
             try:
                 item = json.loads(line)
-                groups.append(GroupFiles(
-                    (_image_path(images, item["image_0"]), _image_path(images, item["image_1"])),
-                    (item["caption_0"], item["caption_1"]), domain, str(item.get("tag", "winoground"))))
+                groups.append(
+                    GroupFiles(
+                        (_image_path(images, item["image_0"]), _image_path(images, item["image_1"])),
+                        (item["caption_0"], item["caption_1"]),
+                        domain,
+                        str(item.get("tag", "winoground")),
+                    )
+                )
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{index} line {line_no} is not a Winoground example ({error!r}): each line needs "
-                                 "a JSON object with image_0, image_1, caption_0, caption_1") from error
+                raise ValueError(
+                    f"{index} line {line_no} is not a Winoground example ({error!r}): each line needs "
+                    "a JSON object with image_0, image_1, caption_0, caption_1"
+                ) from error
         super().__init__(groups, "winoground", image_size, batch_size, num_workers)
 
 
@@ -286,8 +356,15 @@ class MMVPVLMDataModule(GroupFilesDataModule):
     visual pattern).
     """
 
-    def __init__(self, root: str | Path, image_dir: str = "MLLM_VLM Images", domain: str = "mmvp_vlm",
-                 image_size: int = 224, batch_size: int = 50, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        image_dir: str = "MLLM_VLM Images",
+        domain: str = "mmvp_vlm",
+        image_size: int = 224,
+        batch_size: int = 50,
+        num_workers: int = 0,
+    ) -> None:
         self.root = _root(root, "MMVP-VLM")
         index = _index_file(self.root, ["Questions.csv"], "Questions.csv")
         with index.open(newline="") as handle:
@@ -296,18 +373,29 @@ class MMVPVLMDataModule(GroupFilesDataModule):
             raise ValueError(f"{index} needs a header and rows 'Question ID, Type, Statement'")
         rows = rows[1:]
         if len(rows) % 2:
-            raise ValueError(f"{index} has {len(rows)} statements: MMVP-VLM pairs consecutive rows, so the count "
-                             "must be even")
+            raise ValueError(
+                f"{index} has {len(rows)} statements: MMVP-VLM pairs consecutive rows, so the count must be even"
+            )
         groups = []
         for first, second in zip(rows[0::2], rows[1::2]):
             (id_0, type_0, text_0), (id_1, type_1, text_1) = first[:3], second[:3]
             if type_0 != type_1:
-                raise ValueError(f"{index}: rows {id_0} and {id_1} form a pair but have types {type_0!r} and "
-                                 f"{type_1!r}; MMVP-VLM pairs consecutive rows of one type")
+                raise ValueError(
+                    f"{index}: rows {id_0} and {id_1} form a pair but have types {type_0!r} and "
+                    f"{type_1!r}; MMVP-VLM pairs consecutive rows of one type"
+                )
             folder = self.root / image_dir / type_0.strip()
-            groups.append(GroupFiles((_image_path(folder, id_0.strip(), (".jpg", ".png")),
-                                      _image_path(folder, id_1.strip(), (".jpg", ".png"))),
-                                     (text_0, text_1), domain, type_0.strip()))
+            groups.append(
+                GroupFiles(
+                    (
+                        _image_path(folder, id_0.strip(), (".jpg", ".png")),
+                        _image_path(folder, id_1.strip(), (".jpg", ".png")),
+                    ),
+                    (text_0, text_1),
+                    domain,
+                    type_0.strip(),
+                )
+            )
         super().__init__(groups, "mmvp_vlm", image_size, batch_size, num_workers)
 
 
@@ -318,10 +406,23 @@ class SugarCrepeDataModule(GroupFilesDataModule):
     ``[caption, negative_caption]``; ``kind`` and ``domain`` are the file's name (without .json).
     """
 
-    def __init__(self, root: str | Path, files: Sequence[str] = ("replace_att", "replace_obj", "replace_rel",
-                                                                   "swap_att", "swap_obj", "add_att", "add_obj"),
-                 image_dir: str = "val2017", image_size: int = 224, batch_size: int = 50,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        files: Sequence[str] = (
+            "replace_att",
+            "replace_obj",
+            "replace_rel",
+            "swap_att",
+            "swap_obj",
+            "add_att",
+            "add_obj",
+        ),
+        image_dir: str = "val2017",
+        image_size: int = 224,
+        batch_size: int = 50,
+        num_workers: int = 0,
+    ) -> None:
         self.root = _root(root, "SugarCrepe")
         images = (self.root / image_dir).expanduser()
         groups = []
@@ -330,11 +431,15 @@ class SugarCrepeDataModule(GroupFilesDataModule):
             path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
             try:
                 items = json.loads(path.read_text())
-                groups += [GroupFiles((images / item["filename"],), (item["caption"], item["negative_caption"]),
-                                      stem, stem) for item in items.values()]
+                groups += [
+                    GroupFiles((images / item["filename"],), (item["caption"], item["negative_caption"]), stem, stem)
+                    for item in items.values()
+                ]
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise ValueError(f"{path} is not SugarCrepe's layout ({error!r}): expected a JSON object "
-                                 "{id: {filename, caption, negative_caption}}") from error
+                raise ValueError(
+                    f"{path} is not SugarCrepe's layout ({error!r}): expected a JSON object "
+                    "{id: {filename, caption, negative_caption}}"
+                ) from error
         super().__init__(groups, "sugarcrepe", image_size, batch_size, num_workers)
 
 
@@ -344,8 +449,14 @@ class WhatsUpDataModule(GroupFilesDataModule):
     ``root`` (e.g. ``data/controlled_images/...``); ``kind`` and ``domain`` are the file's name.
     """
 
-    def __init__(self, root: str | Path, files: Sequence[str] = ("controlled_images_dataset",),
-                 image_size: int = 224, batch_size: int = 50, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        files: Sequence[str] = ("controlled_images_dataset",),
+        image_size: int = 224,
+        batch_size: int = 50,
+        num_workers: int = 0,
+    ) -> None:
         self.root = _root(root, "WhatsUp")
         groups = []
         for stem in files:
@@ -353,9 +464,13 @@ class WhatsUpDataModule(GroupFilesDataModule):
             path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
             try:
                 items = json.loads(path.read_text())
-                groups += [GroupFiles((self.root / item["image_path"],), tuple(item["caption_options"]), stem, stem)
-                           for item in items]
+                groups += [
+                    GroupFiles((self.root / item["image_path"],), tuple(item["caption_options"]), stem, stem)
+                    for item in items
+                ]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path} is not What'sUp's layout ({error!r}): expected a JSON list of "
-                                 "{image_path, caption_options}") from error
+                raise ValueError(
+                    f"{path} is not What'sUp's layout ({error!r}): expected a JSON list of "
+                    "{image_path, caption_options}"
+                ) from error
         super().__init__(groups, "whatsup", image_size, batch_size, num_workers)

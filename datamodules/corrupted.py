@@ -20,27 +20,46 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from tta.datamodules.folder import ImageFilesDataModule
-from tta.datamodules.streams import StreamDataModule, order_within_domains
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
+from tta.datamodules.streams import StreamDataModule, order_within_domains
 
 CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
-def check_corruptions(corruptions: Sequence[str] | str, severities: Sequence[int],
-                      known: Sequence[str]) -> tuple[list[str], list[int]]:
+def check_corruptions(
+    corruptions: Sequence[str] | str, severities: Sequence[int], known: Sequence[str]
+) -> tuple[list[str], list[int]]:
     """The corruptions ("all": the 15 of :data:`CORRUPTIONS`) and severities asked for, as
     lists, or a clear error."""
-    names = list(CORRUPTIONS) if corruptions == "all" else [corruptions] if isinstance(corruptions, str) else list(corruptions)
+    names = (
+        list(CORRUPTIONS)
+        if corruptions == "all"
+        else [corruptions]
+        if isinstance(corruptions, str)
+        else list(corruptions)
+    )
     unknown = [c for c in names if c not in known]
     if unknown or not names:
-        raise ValueError(f"unknown or no corruptions {unknown or names}: set data.corruptions to 'all' "
-                         f"or some of {list(known)}")
+        raise ValueError(
+            f"unknown or no corruptions {unknown or names}: set data.corruptions to 'all' or some of {list(known)}"
+        )
     levels = [int(s) for s in severities]
     if not levels or any(s not in SEVERITIES for s in levels):
         raise ValueError(f"data.severities must be a non-empty list of 1..5, got {list(severities)}")
@@ -58,20 +77,34 @@ class ImageNetCDataModule(ImageFilesDataModule):
 
     name = "imagenet_c"
 
-    def __init__(self, root: str | Path, corruptions: Sequence[str] | str = "all", severities: Sequence[int] = (5,),
-                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0, stream: str = "iid",
-                 dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        corruptions: Sequence[str] | str = "all",
+        severities: Sequence[int] = (5,),
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         self.root = Path(root).expanduser()
         self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist: set data.root to the ImageNet-C folder "
-                                    "(root/<corruption>/<severity>/<WordNet id>/<image>)")
+            raise FileNotFoundError(
+                f"data folder {self.root} does not exist: set data.root to the ImageNet-C folder "
+                "(root/<corruption>/<severity>/<WordNet id>/<image>)"
+            )
         present = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         missing = [c for c in self.corruptions if c not in present]
         if missing:
             nested = [p for p in present if (self.root / p / self.corruptions[0]).is_dir()]
-            hint = (f"set data.root to {self.root / nested[0]}" if nested else
-                    f"it holds {present[:5]}; expected root/<corruption>/<severity>/<WordNet id>/<image>")
+            hint = (
+                f"set data.root to {self.root / nested[0]}"
+                if nested
+                else f"it holds {present[:5]}; expected root/<corruption>/<severity>/<WordNet id>/<image>"
+            )
             raise FileNotFoundError(f"corruption folders {missing[:3]} not in {self.root}: {hint}")
         samples, domains = [], []
         for corruption in self.corruptions:
@@ -81,8 +114,18 @@ class ImageNetCDataModule(ImageFilesDataModule):
                 samples += wnid_samples(folder, "imagenet", domain, setting="data.root")
                 domains.append(domain)
         _, class_names = imagenet_classes("imagenet")
-        super().__init__(samples, class_names, domains, self.name, image_size, batch_size, num_workers, stream,
-                         dirichlet_alpha, stream_seed)
+        super().__init__(
+            samples,
+            class_names,
+            domains,
+            self.name,
+            image_size,
+            batch_size,
+            num_workers,
+            stream,
+            dirichlet_alpha,
+            stream_seed,
+        )
 
 
 #: CIFAR-10's classes in label order.
@@ -105,8 +148,13 @@ class ArrayImageDataset(Dataset):
         key, row, label, domain = self.rows[i]
         image = torch.from_numpy(np.ascontiguousarray(self.arrays[key][row])).permute(2, 0, 1).float() / 255
         if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
-            image = F.interpolate(image.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear",
-                                  antialias=True, align_corners=False)[0].clamp(0, 1)
+            image = F.interpolate(
+                image.unsqueeze(0),
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0].clamp(0, 1)
         return {"image": image, "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
 
 
@@ -122,9 +170,18 @@ class CIFAR10CDataModule(StreamDataModule):
     name = "cifar10_c"
     class_names = list(CIFAR10_CLASSES)
 
-    def __init__(self, root: str | Path, corruptions: Sequence[str] | str = "all", severities: Sequence[int] = (5,),
-                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0, stream: str = "iid",
-                 dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        corruptions: Sequence[str] | str = "all",
+        severities: Sequence[int] = (5,),
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + CIFAR10_C_EXTRA)
@@ -133,32 +190,46 @@ class CIFAR10CDataModule(StreamDataModule):
         labels_path = self.root / "labels.npy"
         if not labels_path.is_file():
             nested = sorted(p for p in self.root.glob("*/labels.npy")) if self.root.is_dir() else []
-            hint = f"set data.root to {nested[0].parent}" if nested else "expected root/labels.npy and root/<corruption>.npy"
+            hint = (
+                f"set data.root to {nested[0].parent}"
+                if nested
+                else "expected root/labels.npy and root/<corruption>.npy"
+            )
             raise FileNotFoundError(f"no labels.npy in the CIFAR-10-C folder {self.root}: {hint}")
         labels = np.load(labels_path)
         if len(labels) % len(SEVERITIES) or labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES):
-            raise ValueError(f"{labels_path} must hold 5 x n labels in 0..9, got {len(labels)} labels in "
-                             f"{labels.min()}..{labels.max()}")
+            raise ValueError(
+                f"{labels_path} must hold 5 x n labels in 0..9, got {len(labels)} labels in "
+                f"{labels.min()}..{labels.max()}"
+            )
         per_severity = len(labels) // len(SEVERITIES)
         arrays, rows = {}, []
         self.domains = []
         for corruption in self.corruptions:
             path = self.root / f"{corruption}.npy"
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: download CIFAR-10-C into data.root, or drop "
-                                        f"{corruption} from data.corruptions")
+                raise FileNotFoundError(
+                    f"{path} is missing: download CIFAR-10-C into data.root, or drop {corruption} from data.corruptions"
+                )
             arrays[corruption] = np.load(path, mmap_mode="r")
             if arrays[corruption].shape[0] != len(labels) or arrays[corruption].shape[-1] != 3:
-                raise ValueError(f"{path} has shape {arrays[corruption].shape}; expected {len(labels)} x H x W x 3 "
-                                 "like labels.npy")
+                raise ValueError(
+                    f"{path} has shape {arrays[corruption].shape}; expected {len(labels)} x H x W x 3 like labels.npy"
+                )
             for severity in self.severities:
                 domain = f"{corruption}_{severity}"
                 start = (severity - 1) * per_severity
                 rows += [(corruption, start + r, int(labels[start + r]), domain) for r in range(per_severity)]
                 self.domains.append(domain)
         self.dataset = ArrayImageDataset(arrays, rows, int(image_size))
-        self.order = order_within_domains(torch.tensor([label for _, _, label, _ in rows]),
-                                          [domain for _, _, _, domain in rows], self.domains, stream,
-                                          int(stream_seed), float(dirichlet_alpha), int(batch_size))
+        self.order = order_within_domains(
+            torch.tensor([label for _, _, label, _ in rows]),
+            [domain for _, _, _, domain in rows],
+            self.domains,
+            stream,
+            int(stream_seed),
+            float(dirichlet_alpha),
+            int(batch_size),
+        )
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)

@@ -62,8 +62,11 @@ def read_split(root: Path, dataset: str, split: str, domain: str) -> list[Sample
     folder, image_dir, split_name = DATASETS[dataset]
     split_file = root / split_name.format(split=split)
     if not split_file.is_file():
-        hint = (f"set data.root to {root / folder}" if (root / folder / split_file.name).is_file() else
-                f"data.root must be the {dataset} folder holding {image_dir or 'the images'} and {split_file.name}")
+        hint = (
+            f"set data.root to {root / folder}"
+            if (root / folder / split_file.name).is_file()
+            else f"data.root must be the {dataset} folder holding {image_dir or 'the images'} and {split_file.name}"
+        )
         raise FileNotFoundError(f"split file {split_file} not found: {hint}")
     names = fine_grained_class_names(dataset)
     images = root / image_dir
@@ -74,24 +77,32 @@ def read_split(root: Path, dataset: str, split: str, domain: str) -> list[Sample
             if line.strip():
                 image_id, variant = line.strip().split(" ", 1)
                 if variant not in label_of:
-                    raise ValueError(f"unknown aircraft variant {variant!r} in {split_file}: not one of the "
-                                     f"{len(names)} FGVC-Aircraft variants; is this the right split file?")
+                    raise ValueError(
+                        f"unknown aircraft variant {variant!r} in {split_file}: not one of the "
+                        f"{len(names)} FGVC-Aircraft variants; is this the right split file?"
+                    )
                 entries.append((f"{image_id}.jpg", label_of[variant]))
     else:
         table = json.loads(split_file.read_text())
         if split not in table:
-            raise ValueError(f"split file {split_file} has no {split!r} list (it has {list(table)}): set data.split "
-                             f"to one of {list(SPLITS)}")
+            raise ValueError(
+                f"split file {split_file} has no {split!r} list (it has {list(table)}): set data.split "
+                f"to one of {list(SPLITS)}"
+            )
         entries = [(str(entry[0]), int(entry[1])) for entry in table[split]]
     labels = {label for _, label in entries}
     if not entries or min(labels) < 0 or max(labels) >= len(names) or len(labels) != len(names):
-        raise ValueError(f"the {split} split of {split_file} has labels {min(labels, default=None)}.."
-                         f"{max(labels, default=None)} over {len(labels)} classes but {dataset} has {len(names)} "
-                         "classes: is this the split file of the right data set?")
+        raise ValueError(
+            f"the {split} split of {split_file} has labels {min(labels, default=None)}.."
+            f"{max(labels, default=None)} over {len(labels)} classes but {dataset} has {len(names)} "
+            "classes: is this the split file of the right data set?"
+        )
     missing = [path for path, _ in entries if not (images / path).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images of the {split} split of {split_file} are not under "
-                                f"{images} (e.g. {missing[0]}): extract the images into {images}")
+        raise FileNotFoundError(
+            f"{len(missing)} images of the {split} split of {split_file} are not under "
+            f"{images} (e.g. {missing[0]}): extract the images into {images}"
+        )
     return [(images / path, label, domain) for path, label in entries]
 
 
@@ -105,16 +116,37 @@ class FineGrainedDataModule(ImageFilesDataModule):
     fail to decode are skipped and counted (``skipped_images``).
     """
 
-    def __init__(self, root: str | Path, dataset: str, split: str = "test", image_size: int = 224,
-                 batch_size: int = 64, num_workers: int = 0, stream: str = "iid", dirichlet_alpha: float = 0.1,
-                 stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str,
+        split: str = "test",
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         class_names = fine_grained_class_names(dataset)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: set data.split to one of {list(SPLITS)}")
         self.root, self.dataset_name, self.split = Path(root).expanduser(), dataset, split
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist: set data.root to the {dataset} folder "
-                                    f"({DATASETS[dataset][0]}/ in the usual layout)")
+            raise FileNotFoundError(
+                f"data folder {self.root} does not exist: set data.root to the {dataset} folder "
+                f"({DATASETS[dataset][0]}/ in the usual layout)"
+            )
         samples = read_split(self.root, dataset, split, dataset)
-        super().__init__(samples, class_names, [dataset], dataset, image_size, batch_size, num_workers, stream,
-                         dirichlet_alpha, stream_seed)
+        super().__init__(
+            samples,
+            class_names,
+            [dataset],
+            dataset,
+            image_size,
+            batch_size,
+            num_workers,
+            stream,
+            dirichlet_alpha,
+            stream_seed,
+        )

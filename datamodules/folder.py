@@ -29,13 +29,15 @@ def _images_in(folder: Path, extensions: Sequence[str]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
 
 
-def scan_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                       setting: str = "data.root") -> list[tuple[str, list[Path]]]:
+def scan_class_folders(
+    root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, setting: str = "data.root"
+) -> list[tuple[str, list[Path]]]:
     """``[(folder name, image paths)]`` sorted by folder name, or an error that says how to fix
     the layout (``setting`` names the config value to change)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist: set {setting} to a folder holding "
-                                "one subfolder of images per class")
+        raise FileNotFoundError(
+            f"data folder {root} does not exist: set {setting} to a folder holding one subfolder of images per class"
+        )
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"data folder {root} has no class subfolders: expected root/<class>/<image>")
@@ -43,25 +45,30 @@ def scan_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
     if all(not images for _, images in classes):
         nested = [f for f in folders if any(p.is_dir() for p in f.iterdir())]
         if len(folders) == 1 and nested:
-            raise FileNotFoundError(f"data folder {root} looks like the parent of the class folders: "
-                                    f"set {setting} to {folders[0]}")
+            raise FileNotFoundError(
+                f"data folder {root} looks like the parent of the class folders: set {setting} to {folders[0]}"
+            )
         raise FileNotFoundError(f"no images ({', '.join(extensions)}) in the class folders of {root}")
     empty = [name for name, images in classes if not images]
     if empty:
-        raise FileNotFoundError(f"class folders without images in {root}: {empty[:10]}"
-                                f"{' ...' if len(empty) > 10 else ''}; remove them or add their images")
+        raise FileNotFoundError(
+            f"class folders without images in {root}: {empty[:10]}"
+            f"{' ...' if len(empty) > 10 else ''}; remove them or add their images"
+        )
     return classes
 
 
 def image_transform(image_size: int) -> v2.Compose:
     """PIL image -> float ``3 x image_size x image_size`` in [0, 1]: shorter side resized
     (bicubic, antialiased), centre crop."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 class ImageFilesDataset(Dataset):
@@ -84,17 +91,23 @@ class ImageFilesDataset(Dataset):
                 pixels = self.transform(image.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
-        return {"image": pixels.clamp(0, 1), "label": torch.tensor(label), "index": torch.tensor(i),
-                "domain": domain}
+        return {"image": pixels.clamp(0, 1), "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
 
 
 def collate_skipping(samples: list[dict | None], image_size: int) -> dict[str, Any]:
     """The default collate over the samples that decoded, plus ``skipped_images`` (how many of
     the batch did not). A batch whose every image failed is an empty batch of the contract."""
     kept = [s for s in samples if s is not None]
-    batch = default_collate(kept) if kept else {
-        "image": torch.zeros(0, 3, image_size, image_size), "label": torch.zeros(0, dtype=torch.long),
-        "index": torch.zeros(0, dtype=torch.long), "domain": []}
+    batch = (
+        default_collate(kept)
+        if kept
+        else {
+            "image": torch.zeros(0, 3, image_size, image_size),
+            "label": torch.zeros(0, dtype=torch.long),
+            "index": torch.zeros(0, dtype=torch.long),
+            "domain": [],
+        }
+    )
     batch["skipped_images"] = len(samples) - len(kept)
     return batch
 
@@ -108,13 +121,25 @@ class ImageFilesDataModule(StreamDataModule):
     (the prediction writer sums them into ``metrics.json``).
     """
 
-    def __init__(self, samples: Sequence[Sample], class_names: Sequence[str], domains: Sequence[str], name: str,
-                 image_size: int, batch_size: int, num_workers: int, stream: str, dirichlet_alpha: float,
-                 stream_seed: int) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        class_names: Sequence[str],
+        domains: Sequence[str],
+        name: str,
+        image_size: int,
+        batch_size: int,
+        num_workers: int,
+        stream: str,
+        dirichlet_alpha: float,
+        stream_seed: int,
+    ) -> None:
         super().__init__()
         if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
-            raise ValueError(f"batch_size and image_size must be positive and num_workers >= 0, got "
-                             f"{batch_size}, {image_size}, {num_workers}: fix data.batch_size / image_size / num_workers")
+            raise ValueError(
+                f"batch_size and image_size must be positive and num_workers >= 0, got "
+                f"{batch_size}, {image_size}, {num_workers}: fix data.batch_size / image_size / num_workers"
+            )
         self.class_names = check_class_names(class_names)
         self.domains, self.name = list(domains), name
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
@@ -123,8 +148,9 @@ class ImageFilesDataModule(StreamDataModule):
         self.dataset = ImageFilesDataset(samples, self.image_size)
         labels = torch.tensor([label for _, label, _ in self.dataset.samples], dtype=torch.long)
         domain_of = [domain for _, _, domain in self.dataset.samples]
-        self.order = order_within_domains(labels, domain_of, self.domains, stream, self.stream_seed,
-                                          self.dirichlet_alpha, self.batch_size)
+        self.order = order_within_domains(
+            labels, domain_of, self.domains, stream, self.stream_seed, self.dirichlet_alpha, self.batch_size
+        )
 
     @override
     def collate_fn(self) -> Callable[[list[dict | None]], dict[str, Any]]:
@@ -143,19 +169,40 @@ class ImageFolderDataModule(ImageFilesDataModule):
     skipped and counted (``skipped_images``).
     """
 
-    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, domain: str | None = None,
-                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, stream: str = "iid", dirichlet_alpha: float = 0.1,
-                 stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        class_names: Sequence[str] | None = None,
+        domain: str | None = None,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         self.root = Path(root).expanduser()
         self.extensions = tuple(e.lower() for e in extensions)
         classes = scan_class_folders(self.root, self.extensions)  # fails fast, before any model loads
         if class_names is None:
             class_names = [name.replace("_", " ") for name, _ in classes]
         elif len(class_names) != len(classes):
-            raise ValueError(f"{len(class_names)} class names for {len(classes)} class folders in {self.root}: "
-                             "give one name per folder, in sorted folder order")
+            raise ValueError(
+                f"{len(class_names)} class names for {len(classes)} class folders in {self.root}: "
+                "give one name per folder, in sorted folder order"
+            )
         name = domain or self.root.name
         samples = [(path, label, name) for label, (_, images) in enumerate(classes) for path in images]
-        super().__init__(samples, class_names, [name], name, image_size, batch_size, num_workers, stream,
-                         dirichlet_alpha, stream_seed)
+        super().__init__(
+            samples,
+            class_names,
+            [name],
+            name,
+            image_size,
+            batch_size,
+            num_workers,
+            stream,
+            dirichlet_alpha,
+            stream_seed,
+        )

@@ -54,8 +54,9 @@ def imagenet_classes(variant: str = "imagenet") -> tuple[list[str], list[str]]:
     return [meta["wnids"][i] for i in indices], [meta["classnames"][i] for i in indices]
 
 
-def wnid_samples(root: Path, variant: str, domain: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 setting: str = "data.root") -> list[Sample]:
+def wnid_samples(
+    root: Path, variant: str, domain: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, setting: str = "data.root"
+) -> list[Sample]:
     """Samples of ``root/<WordNet id>/<image>`` labelled by the variant's class order; the
     folders must be exactly the variant's classes."""
     wnids, _ = imagenet_classes(variant)
@@ -65,32 +66,43 @@ def wnid_samples(root: Path, variant: str, domain: str, extensions: Sequence[str
     all_wnids = set(imagenet_metadata()["wnids"])
     unknown = [name for name, _ in classes if name not in all_wnids]
     if unknown:
-        raise ValueError(f"folders of {root} that are not ImageNet WordNet ids: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}; {readable} expects root/<WordNet id>/<image> "
-                         "(e.g. n01440764): check that data.root is the folder of the class folders")
+        raise ValueError(
+            f"folders of {root} that are not ImageNet WordNet ids: {unknown[:5]}"
+            f"{' ...' if len(unknown) > 5 else ''}; {readable} expects root/<WordNet id>/<image> "
+            "(e.g. n01440764): check that data.root is the folder of the class folders"
+        )
     foreign = [name for name, _ in classes if name not in label_of]
     if foreign:
-        raise ValueError(f"{len(foreign)} folders of {root} are ImageNet classes outside the {len(wnids)} of "
-                         f"{readable} (e.g. {foreign[0]}): is this the right variant?")
+        raise ValueError(
+            f"{len(foreign)} folders of {root} are ImageNet classes outside the {len(wnids)} of "
+            f"{readable} (e.g. {foreign[0]}): is this the right variant?"
+        )
     if len(classes) != len(wnids):
         missing = sorted(set(wnids) - {name for name, _ in classes})
-        raise ValueError(f"{root} has {len(classes)} class folders but {readable} has {len(wnids)} classes "
-                         f"(missing e.g. {missing[:3]}): point data.root at the complete, extracted data set")
+        raise ValueError(
+            f"{root} has {len(classes)} class folders but {readable} has {len(wnids)} classes "
+            f"(missing e.g. {missing[:3]}): point data.root at the complete, extracted data set"
+        )
     return [(path, label_of[name], domain) for name, images in classes for path in images]
 
 
-def integer_samples(root: Path, n_classes: int, domain: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                    setting: str = "data.root") -> list[Sample]:
+def integer_samples(
+    root: Path, n_classes: int, domain: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, setting: str = "data.root"
+) -> list[Sample]:
     """Samples of ``root/<k>/<image>`` where folder ``k`` holds label ``k`` (integer names, any order)."""
     classes = scan_class_folders(root, extensions, setting)
     bad = [name for name, _ in classes if not name.isdigit() or not 0 <= int(name) < n_classes]
     if bad:
-        raise ValueError(f"folders of {root} that are not labels 0..{n_classes - 1}: {bad[:5]}; ImageNet-V2 "
-                         "expects root/<integer label>/<image>: check that data.root is the folder of the label folders")
+        raise ValueError(
+            f"folders of {root} that are not labels 0..{n_classes - 1}: {bad[:5]}; ImageNet-V2 "
+            "expects root/<integer label>/<image>: check that data.root is the folder of the label folders"
+        )
     if len(classes) != n_classes:
         missing = sorted(set(range(n_classes)) - {int(name) for name, _ in classes})
-        raise ValueError(f"{root} has {len(classes)} label folders but ImageNet-V2 has {n_classes} classes "
-                         f"(missing e.g. {missing[:3]}): point data.root at the complete, extracted data set")
+        raise ValueError(
+            f"{root} has {len(classes)} label folders but ImageNet-V2 has {n_classes} classes "
+            f"(missing e.g. {missing[:3]}): point data.root at the complete, extracted data set"
+        )
     return [(path, int(name), domain) for name, images in classes for path in images]
 
 
@@ -104,14 +116,32 @@ class ImageNetDataModule(ImageFilesDataModule):
     images that fail to decode are skipped and counted (``skipped_images``).
     """
 
-    def __init__(self, root: str | Path, variant: str = "imagenet", image_size: int = 224, batch_size: int = 64,
-                 num_workers: int = 0, stream: str = "iid", dirichlet_alpha: float = 0.1,
-                 stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        variant: str = "imagenet",
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         _, class_names = imagenet_classes(variant)
         self.root, self.variant = Path(root).expanduser(), variant
         samples = wnid_samples(self.root, variant, variant)
-        super().__init__(samples, class_names, [variant], variant, image_size, batch_size, num_workers, stream,
-                         dirichlet_alpha, stream_seed)
+        super().__init__(
+            samples,
+            class_names,
+            [variant],
+            variant,
+            image_size,
+            batch_size,
+            num_workers,
+            stream,
+            dirichlet_alpha,
+            stream_seed,
+        )
 
 
 class ImageNetV2DataModule(ImageFilesDataModule):
@@ -120,10 +150,28 @@ class ImageNetV2DataModule(ImageFilesDataModule):
 
     name = "imagenet_v2"
 
-    def __init__(self, root: str | Path, image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                 stream: str = "iid", dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         _, class_names = imagenet_classes("imagenet")
         self.root = Path(root).expanduser()
         samples = integer_samples(self.root, len(class_names), self.name)
-        super().__init__(samples, class_names, [self.name], self.name, image_size, batch_size, num_workers, stream,
-                         dirichlet_alpha, stream_seed)
+        super().__init__(
+            samples,
+            class_names,
+            [self.name],
+            self.name,
+            image_size,
+            batch_size,
+            num_workers,
+            stream,
+            dirichlet_alpha,
+            stream_seed,
+        )

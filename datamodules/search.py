@@ -54,9 +54,16 @@ class WorldEpisodes(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         episode = render_search_episode(self.seeds[i], self.domains[i], self.severity, self.world)
         text = self.query == "text"
-        return {"image": episode.image, "query": episode.query if text else None,
-                "query_image": None if text else episode.query_image, "counts": episode.counts,
-                "grid": (self.world.rows, self.world.cols), "start": (0, 0), "index": i, "domain": episode.domain}
+        return {
+            "image": episode.image,
+            "query": episode.query if text else None,
+            "query_image": None if text else episode.query_image,
+            "counts": episode.counts,
+            "grid": (self.world.rows, self.world.cols),
+            "start": (0, 0),
+            "index": i,
+            "domain": episode.domain,
+        }
 
 
 class WorldSearchDataModule(StreamDataModule):
@@ -72,9 +79,19 @@ class WorldSearchDataModule(StreamDataModule):
     name = "world_search"
     class_names = list(CLASS_NAMES)  # the classes a query can name
 
-    def __init__(self, domains: Sequence[str] | str = "clean", severity: int = 3, n_episodes: int = 50,
-                 seed: int = 20_000, image_size: int = 64, grid: Sequence[int] = (16, 16), query: str = "text",
-                 world: dict[str, Any] | None = None, batch_size: int = 1, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        domains: Sequence[str] | str = "clean",
+        severity: int = 3,
+        n_episodes: int = 50,
+        seed: int = 20_000,
+        image_size: int = 64,
+        grid: Sequence[int] = (16, 16),
+        query: str = "text",
+        world: dict[str, Any] | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.domains = list(DOMAINS) if domains == "all" else [domains] if isinstance(domains, str) else list(domains)
         if not self.domains or len(set(self.domains)) != len(self.domains):
@@ -129,8 +146,9 @@ class EpisodeFolderDataModule(StreamDataModule):
 
     name = "episode_folder"
 
-    def __init__(self, root: str | Path, image_size: int | None = None, batch_size: int = 1,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self, root: str | Path, image_size: int | None = None, batch_size: int = 1, num_workers: int = 0
+    ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.image_size, self.batch_size, self.num_workers = image_size, int(batch_size), int(num_workers)
@@ -142,8 +160,10 @@ class EpisodeFolderDataModule(StreamDataModule):
     def _read_index(self) -> list[dict[str, Any]]:
         index = self.root / "episodes.json"
         if not index.is_file():
-            raise FileNotFoundError(f"no episodes.json in {self.root}: the folder needs an episodes.json listing "
-                                    "image, query (or query_image), targets and grid of each episode")
+            raise FileNotFoundError(
+                f"no episodes.json in {self.root}: the folder needs an episodes.json listing "
+                "image, query (or query_image), targets and grid of each episode"
+            )
         try:
             episodes = json.loads(index.read_text())
         except json.JSONDecodeError as error:
@@ -154,8 +174,10 @@ class EpisodeFolderDataModule(StreamDataModule):
             where = f"{index}, episode {k}"
             missing = {"image", "targets", "grid"} - set(episode)
             if missing or ("query" in episode) == ("query_image" in episode):
-                raise ValueError(f"{where}: needs image, targets, grid and exactly one of query / query_image; "
-                                 f"missing {sorted(missing)}")
+                raise ValueError(
+                    f"{where}: needs image, targets, grid and exactly one of query / query_image; "
+                    f"missing {sorted(missing)}"
+                )
             for key in ("image", "query_image"):
                 if key in episode and not (self.root / episode[key]).is_file():
                     raise FileNotFoundError(f"{where}: {key} {episode[key]!r} is not a file under {self.root}")
@@ -171,20 +193,35 @@ class EpisodeFolderDataModule(StreamDataModule):
         targets = torch.tensor(episode["targets"], dtype=torch.float32).view(-1, 2)
         outside = ((targets < 0) | (targets >= torch.tensor([width, height]))).any(1)
         if outside.any():
-            raise ValueError(f"episode {k} ({episode['image']}): targets {targets[outside].tolist()} lie outside "
-                             f"the {width} x {height} image: coordinates are [x, y] pixels of the image")
+            raise ValueError(
+                f"episode {k} ({episode['image']}): targets {targets[outside].tolist()} lie outside "
+                f"the {width} x {height} image: coordinates are [x, y] pixels of the image"
+            )
         row = (targets[:, 1] * rows / height).long()
         col = (targets[:, 0] * cols / width).long()
         counts = torch.bincount(row * cols + col, minlength=rows * cols).view(rows, cols)
         if self.image_size is not None:
-            image = torch.nn.functional.interpolate(image[None], size=(rows * self.image_size, cols * self.image_size),
-                                                    mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+            image = torch.nn.functional.interpolate(
+                image[None],
+                size=(rows * self.image_size, cols * self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0].clamp(0, 1)
         start = tuple(int(s) for s in episode.get("start", (0, 0)))
         if not (0 <= start[0] < rows and 0 <= start[1] < cols):
             raise ValueError(f"episode {k}: start {list(start)} is outside its {rows} x {cols} grid")
         query_image = _load_rgb(self.root / episode["query_image"]) if "query_image" in episode else None
-        return {"image": image, "query": episode.get("query"), "query_image": query_image, "counts": counts,
-                "grid": (rows, cols), "start": start, "index": k, "domain": episode.get("domain", "user")}
+        return {
+            "image": image,
+            "query": episode.get("query"),
+            "query_image": query_image,
+            "counts": counts,
+            "grid": (rows, cols),
+            "start": start,
+            "index": k,
+            "domain": episode.get("domain", "user"),
+        }
 
     @override
     def setup(self, stage: str) -> None:

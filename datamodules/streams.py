@@ -31,8 +31,9 @@ def check_stream(kind: str, alpha: float) -> None:
         raise ValueError(f"dirichlet_alpha must be > 0, got {alpha}")
 
 
-def stream_order(labels: torch.Tensor, kind: str = "iid", seed: int = 0, alpha: float = 0.1,
-                 chunk_size: int = 64) -> torch.Tensor:
+def stream_order(
+    labels: torch.Tensor, kind: str = "iid", seed: int = 0, alpha: float = 0.1, chunk_size: int = 64
+) -> torch.Tensor:
     """A permutation of ``range(len(labels))`` in the order the stream presents the samples."""
     check_stream(kind, alpha)
     n = len(labels)
@@ -58,8 +59,15 @@ def stream_order(labels: torch.Tensor, kind: str = "iid", seed: int = 0, alpha: 
     return torch.tensor(order)
 
 
-def order_within_domains(labels: torch.Tensor, domain_of: list[str], domains: list[str], kind: str = "iid",
-                         seed: int = 0, alpha: float = 0.1, chunk_size: int = 64) -> torch.Tensor:
+def order_within_domains(
+    labels: torch.Tensor,
+    domain_of: list[str],
+    domains: list[str],
+    kind: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.1,
+    chunk_size: int = 64,
+) -> torch.Tensor:
     """Positions of all samples in stream order: each domain's samples ordered by
     :func:`stream_order` (domain ``k`` with seed ``seed + k``), domains one after the other in
     ``domains`` order. ``domain_of[i]`` is sample ``i``'s domain."""
@@ -81,15 +89,20 @@ class StreamSampler(DistributedSampler):
     own per-sample split under DDP.
     """
 
-    def __init__(self, order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0) -> None:
+    def __init__(
+        self, order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    ) -> None:
         # DistributedSampler.__init__ reads torch.distributed when these are None; set what we use only
         self.order, self.batch_size = order.tolist(), int(batch_size)
         self.rank, self.num_replicas, self.start_batch = int(rank), int(world_size), int(start_batch)
         self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
         batches = range(0, len(self.order), self.batch_size)
-        mine = [self.order[start:start + self.batch_size] for g, start in enumerate(batches) if g % self.num_replicas == self.rank]
-        self.positions = [p for batch in mine[self.start_batch:] for p in batch]
+        mine = [
+            self.order[start : start + self.batch_size]
+            for g, start in enumerate(batches)
+            if g % self.num_replicas == self.rank
+        ]
+        self.positions = [p for batch in mine[self.start_batch :] for p in batch]
         self.num_samples = self.total_size = len(self.positions)
 
     def __iter__(self) -> Iterator[int]:
@@ -137,5 +150,10 @@ class StreamDataModule(pl.LightningDataModule):
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.stream_sampler(),
-                          num_workers=self.num_workers, collate_fn=self.collate_fn())
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.stream_sampler(),
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
+        )

@@ -23,8 +23,12 @@ class TensorDictDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i].float() / 255, "label": self.labels[i],
-                "index": torch.tensor(i), "domain": self.domains[i]}
+        return {
+            "image": self.images[i].float() / 255,
+            "label": self.labels[i],
+            "index": torch.tensor(i),
+            "domain": self.domains[i],
+        }
 
 
 class WorldDataModule(StreamDataModule):
@@ -41,9 +45,19 @@ class WorldDataModule(StreamDataModule):
     name = "world"
     class_names = list(CLASS_NAMES)
 
-    def __init__(self, domains: Sequence[str] | str = "all", severity: int = 3, n_per_domain: int = 500,
-                 seed: int = 10_000, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
-                 stream: str = "iid", dirichlet_alpha: float = 0.1, stream_seed: int = 0) -> None:
+    def __init__(
+        self,
+        domains: Sequence[str] | str = "all",
+        severity: int = 3,
+        n_per_domain: int = 500,
+        seed: int = 10_000,
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        stream: str = "iid",
+        dirichlet_alpha: float = 0.1,
+        stream_seed: int = 0,
+    ) -> None:
         super().__init__()
         self.domains = list(DOMAINS) if domains == "all" else [domains] if isinstance(domains, str) else list(domains)
         if not self.domains:
@@ -72,11 +86,19 @@ class WorldDataModule(StreamDataModule):
             scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed)
             pixels = scenes.images
             if pixels.shape[-1] != self.image_size:
-                pixels = F.interpolate(pixels, size=self.image_size, mode="bilinear", antialias=True,
-                                       align_corners=False).clamp(0, 1)
+                pixels = F.interpolate(
+                    pixels, size=self.image_size, mode="bilinear", antialias=True, align_corners=False
+                ).clamp(0, 1)
             images.append((pixels * 255).round().to(torch.uint8))
             labels.append(scenes.labels)
             domains += [domain] * self.n_per_domain
         self.dataset = TensorDictDataset(torch.cat(images), torch.cat(labels), domains)
-        self.order = order_within_domains(self.dataset.labels, domains, self.domains, self.stream, self.stream_seed,
-                                          self.dirichlet_alpha, self.batch_size)
+        self.order = order_within_domains(
+            self.dataset.labels,
+            domains,
+            self.domains,
+            self.stream,
+            self.stream_seed,
+            self.dirichlet_alpha,
+            self.batch_size,
+        )

@@ -117,9 +117,18 @@ def winoground_tree(root: Path, n: int = 3) -> Path:
     for i in range(n):
         for j in range(2):
             save_image(root / "images" / f"ex_{i}_img_{j}.png", size=(12, 10), seed=10 * i + j)
-        lines.append(json.dumps({"id": i, "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1",
-                                 "caption_0": f"a mug left of a cat {i}", "caption_1": f"a cat left of a mug {i}",
-                                 "tag": ["Object", "Relation"][i % 2]}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": i,
+                    "image_0": f"ex_{i}_img_0",
+                    "image_1": f"ex_{i}_img_1",
+                    "caption_0": f"a mug left of a cat {i}",
+                    "caption_1": f"a cat left of a mug {i}",
+                    "tag": ["Object", "Relation"][i % 2],
+                }
+            )
+        )
     (root / "examples.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
@@ -144,14 +153,18 @@ def sugarcrepe_tree(root: Path, files: Sequence[str] = ("replace_rel", "swap_att
         for i in range(n):
             name = f"{stem}_{i:012d}.jpg"
             save_image(root / "val2017" / name, size=(12, 10), seed=10 * f + i)
-            items[str(i)] = {"filename": name, "caption": f"a dog on a sofa {i}",
-                             "negative_caption": f"a sofa on a dog {i}"}
+            items[str(i)] = {
+                "filename": name,
+                "caption": f"a dog on a sofa {i}",
+                "negative_caption": f"a sofa on a dog {i}",
+            }
         (root / f"{stem}.json").write_text(json.dumps(items))
     return root
 
 
-def whatsup_tree(root: Path, files: Sequence[str] = ("controlled_images_dataset",), n: int = 2,
-                 options: int = 4) -> Path:
+def whatsup_tree(
+    root: Path, files: Sequence[str] = ("controlled_images_dataset",), n: int = 2, options: int = 4
+) -> Path:
     """A What'sUp copy: ``<file>.json`` lists ``{image_path, caption_options}`` (correct first)."""
     for f, stem in enumerate(files):
         items = []
@@ -221,5 +234,6 @@ def console_script(name: str) -> Path:
 def run_script(name: str, args: Sequence[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a console script with a fixed terminal environment and capture its output."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run([str(console_script(name)), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(console_script(name)), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -5,17 +5,19 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
-
 from conftest import make_tiny_vlm, run_script, save_image
+
 from tta.datamodules import ImageFolderDataModule, WorldDataModule
-from tta.models import ZeroShotClassifier, create_vlm
+from tta.models import create_vlm
 from tta.models.vlm import check_class_names
-from tta.models.zero_shot import check_batch
+from tta.tasks import ZeroShotClassifier
+from tta.tasks.zero_shot import check_batch
 
 
 @pytest.fixture
 def no_model_builds(monkeypatch):
     """Fail the test if open_clip starts building a model: the error must come first."""
+
     def build(*args, **kwargs):
         raise AssertionError(f"open_clip.create_model{args} ran before the input was checked")
 
@@ -23,6 +25,7 @@ def no_model_builds(monkeypatch):
 
 
 # --- models ----------------------------------------------------------------------------------
+
 
 def test_unknown_model_name_suggests_close_matches(no_model_builds):
     with pytest.raises(ValueError) as info:
@@ -56,18 +59,23 @@ def test_local_dir_without_weights(no_model_builds, tmp_path):
     folder = tmp_path / "config_only"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(
-        (SHIPPED_MODELS["tta-world-clip"] / "open_clip_config.json").read_text())
+        (SHIPPED_MODELS["tta-world-clip"] / "open_clip_config.json").read_text()
+    )
     with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
         create_vlm(f"local-dir:{folder}")
 
 
 # --- class names -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("names", "expected"), [
-    ([], "empty"),
-    (["cat", "dog", "cat"], "duplicates ['cat']"),
-    (["cat", "  ", "dog"], "positions [1]"),
-])
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ([], "empty"),
+        (["cat", "dog", "cat"], "duplicates ['cat']"),
+        (["cat", "  ", "dog"], "positions [1]"),
+    ],
+)
 def test_bad_class_names(names, expected):
     with pytest.raises(ValueError) as info:
         check_class_names(names)
@@ -81,6 +89,7 @@ def test_classifier_checks_class_names_at_construction():
 
 
 # --- data folders ----------------------------------------------------------------------------
+
 
 def test_missing_data_folder(tmp_path):
     root = tmp_path / "nowhere"
@@ -120,6 +129,7 @@ def test_unknown_world_domain_fails_at_construction():
 
 # --- batches and images ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def classifier(monkeypatch):
     module = ZeroShotClassifier(make_tiny_vlm("tta-tiny-clip"), class_names=["cat", "dog", "fish"])
@@ -133,8 +143,12 @@ def classifier(monkeypatch):
 
 def batch(labels, images=None):
     n = len(labels)
-    return {"image": torch.rand(n, 3, 64, 64) if images is None else images,
-            "label": torch.tensor(labels), "index": torch.arange(10, 10 + n), "domain": ["d"] * n}
+    return {
+        "image": torch.rand(n, 3, 64, 64) if images is None else images,
+        "label": torch.tensor(labels),
+        "index": torch.arange(10, 10 + n),
+        "domain": ["d"] * n,
+    }
 
 
 def test_labels_outside_the_class_list(classifier):
@@ -160,13 +174,16 @@ def test_unknown_labels_are_allowed():
     check_batch(batch([-1, -1, 2]), 3)
 
 
-@pytest.mark.parametrize(("images", "names", "fix"), [
-    (torch.rand(2, 3, 32, 32), "(32, 32)", "set the datamodule's image_size to 64"),
-    (torch.rand(2, 1, 64, 64), "(2, 1, 64, 64)", "convert grey or RGBA images to RGB"),
-    (torch.rand(2, 4, 64, 64), "(2, 4, 64, 64)", "convert grey or RGBA images to RGB"),
-    (torch.rand(3, 64, 64), "(3, 64, 64)", "B x 3 x H x W"),
-    (torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), "torch.uint8", "divide uint8 images by 255"),
-])
+@pytest.mark.parametrize(
+    ("images", "names", "fix"),
+    [
+        (torch.rand(2, 3, 32, 32), "(32, 32)", "set the datamodule's image_size to 64"),
+        (torch.rand(2, 1, 64, 64), "(2, 1, 64, 64)", "convert grey or RGBA images to RGB"),
+        (torch.rand(2, 4, 64, 64), "(2, 4, 64, 64)", "convert grey or RGBA images to RGB"),
+        (torch.rand(3, 64, 64), "(3, 64, 64)", "B x 3 x H x W"),
+        (torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), "torch.uint8", "divide uint8 images by 255"),
+    ],
+)
 def test_check_images(images, names, fix):
     vlm = make_tiny_vlm("tta-tiny-clip")
     with pytest.raises(ValueError) as info:
@@ -176,6 +193,7 @@ def test_check_images(images, names, fix):
 
 
 # --- the command line ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bad_model_run(tmp_path_factory):

@@ -8,12 +8,17 @@ from importlib.resources import files
 
 import pytest
 import torch
-
-from conftest import cifar10_c_tree
+from conftest import cifar10_c_tree, split_tree
 from conftest import class_tree as tree
-from conftest import split_tree
-from tta.datamodules import (CIFAR10CDataModule, FineGrainedDataModule, ImageFolderDataModule, ImageNetCDataModule,
-                             ImageNetDataModule, ImageNetV2DataModule)
+
+from tta.datamodules import (
+    CIFAR10CDataModule,
+    FineGrainedDataModule,
+    ImageFolderDataModule,
+    ImageNetCDataModule,
+    ImageNetDataModule,
+    ImageNetV2DataModule,
+)
 from tta.datamodules.corrupted import CORRUPTIONS
 from tta.datamodules.fine_grained import DATASETS, fine_grained_class_names
 from tta.datamodules.imagenet import DUPLICATE_RENAMES, imagenet_classes, imagenet_metadata
@@ -34,6 +39,7 @@ def labels_by_folder(datamodule) -> dict[str, set[int]]:
 
 # --- class names -------------------------------------------------------------------------------
 
+
 def test_imagenet_names_are_unique_and_only_the_duplicates_change():
     raw = json.loads(files("tta.data").joinpath("imagenet.json").read_text())
     names = imagenet_metadata()["classnames"]
@@ -52,6 +58,7 @@ def test_200_class_subsets_map_to_the_right_names(variant):
 
 
 # --- ImageNet and variants ---------------------------------------------------------------------
+
 
 def test_imagenet_labels_follow_the_wordnet_ids(tmp_path):
     wnids, names = imagenet_classes("imagenet")
@@ -87,13 +94,16 @@ def test_imagenet_sketch_uses_all_classes(tmp_path):
     assert len(datamodule.class_names) == 1000 and datamodule.domains == ["imagenet_sketch"]
 
 
-@pytest.mark.parametrize(("layout", "message"), [
-    ("parent", "looks like the parent of the class folders"),
-    ("missing", "does not exist"),
-    ("few", "has 3 class folders but ImageNet-A has 200 classes"),
-    ("unknown", "not ImageNet WordNet ids: ['n99999999']"),
-    ("foreign", "outside the 200 of ImageNet-A"),
-])
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("parent", "looks like the parent of the class folders"),
+        ("missing", "does not exist"),
+        ("few", "has 3 class folders but ImageNet-A has 200 classes"),
+        ("unknown", "not ImageNet WordNet ids: ['n99999999']"),
+        ("foreign", "outside the 200 of ImageNet-A"),
+    ],
+)
 def test_imagenet_bad_layouts(tmp_path, layout, message):
     wnids, _ = imagenet_classes("imagenet_a")
     root = tmp_path / "imagenet-a"
@@ -109,11 +119,14 @@ def test_imagenet_bad_layouts(tmp_path, layout, message):
         ImageNetDataModule(root, variant="imagenet_a")
 
 
-@pytest.mark.parametrize(("folders", "message"), [
-    ([str(k) for k in range(999)], "has 999 label folders but ImageNet-V2 has 1000"),
-    ([*map(str, range(1000)), "cat"], "not labels 0..999: ['cat']"),
-    ([*map(str, range(1000)), "1000"], "not labels 0..999: ['1000']"),
-])
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        ([str(k) for k in range(999)], "has 999 label folders but ImageNet-V2 has 1000"),
+        ([*map(str, range(1000)), "cat"], "not labels 0..999: ['cat']"),
+        ([*map(str, range(1000)), "1000"], "not labels 0..999: ['1000']"),
+    ],
+)
 def test_imagenet_v2_bad_layouts(tmp_path, folders, message):
     root = tree(tmp_path / "v2", folders)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -122,9 +135,12 @@ def test_imagenet_v2_bad_layouts(tmp_path, folders, message):
 
 # --- images that fail to decode ----------------------------------------------------------------
 
+
 def test_undecodable_images_are_skipped_and_counted(image_tree):
     (image_tree / "apple" / "broken.jpg").write_bytes(b"not a jpeg")
-    (image_tree / "zebra_fish" / "truncated.png").write_bytes((image_tree / "zebra_fish" / "img_0.png").read_bytes()[:60])
+    (image_tree / "zebra_fish" / "truncated.png").write_bytes(
+        (image_tree / "zebra_fish" / "img_0.png").read_bytes()[:60]
+    )
     datamodule = ImageFolderDataModule(image_tree, image_size=8, batch_size=2, stream="sorted")
     found = batches(datamodule)
     assert all(set(b) == {"image", "label", "index", "domain", "skipped_images"} for b in found)
@@ -136,31 +152,39 @@ def test_undecodable_images_are_skipped_and_counted(image_tree):
 
 def test_skipped_images_reach_metrics_json(image_tree, tmp_path):
     import pytorch_lightning as pl
-
     from conftest import make_tiny_vlm
+
     from tta.callbacks import PredictionWriter
-    from tta.models import ZeroShotClassifier
+    from tta.tasks import ZeroShotClassifier
 
     (image_tree / "apple" / "broken.jpg").write_bytes(b"not a jpeg")
     vlm = make_tiny_vlm("tta-tiny-clip")
     datamodule = ImageFolderDataModule(image_tree, image_size=vlm.image_size[0], batch_size=4)
     writer = PredictionWriter(tmp_path / "run")
     trainer = pl.Trainer(logger=False, callbacks=[writer], enable_progress_bar=False, accelerator="cpu")
-    trainer.predict(ZeroShotClassifier(vlm, class_names=datamodule.class_names), datamodule=datamodule,
-                    return_predictions=False)
+    trainer.predict(
+        ZeroShotClassifier(vlm, class_names=datamodule.class_names), datamodule=datamodule, return_predictions=False
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["skipped_images"] == 1 and metrics["n"] == len(datamodule.dataset) - 1
 
 
 # --- ImageNet-C --------------------------------------------------------------------------------
 
+
 def test_imagenet_c_domains_and_labels(tmp_path):
     wnids, _ = imagenet_classes("imagenet")
     for corruption in ("fog", "snow"):
         for severity in (3, 5):
             tree(tmp_path / "imagenet-c" / corruption / str(severity), wnids)
-    datamodule = ImageNetCDataModule(tmp_path / "imagenet-c", corruptions=["fog", "snow"], severities=[3, 5],
-                                     image_size=8, batch_size=1000, stream="sorted")
+    datamodule = ImageNetCDataModule(
+        tmp_path / "imagenet-c",
+        corruptions=["fog", "snow"],
+        severities=[3, 5],
+        image_size=8,
+        batch_size=1000,
+        stream="sorted",
+    )
     assert datamodule.domains == ["fog_3", "fog_5", "snow_3", "snow_5"]
     found = batches(datamodule)
     domains = [d for b in found for d in b["domain"]]
@@ -178,11 +202,14 @@ def test_imagenet_c_pixels_are_the_files(tmp_path):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"corruptions": ["fogg"]}, "unknown or no corruptions"),
-    ({"severities": [6]}, "severities must be a non-empty list of 1..5"),
-    ({"corruptions": ["snow"]}, r"corruption folders \['snow'\] not in"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"corruptions": ["fogg"]}, "unknown or no corruptions"),
+        ({"severities": [6]}, "severities must be a non-empty list of 1..5"),
+        ({"corruptions": ["snow"]}, r"corruption folders \['snow'\] not in"),
+    ],
+)
 def test_imagenet_c_bad_settings(tmp_path, kwargs, message):
     (tmp_path / "c" / "fog" / "5").mkdir(parents=True)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -198,6 +225,7 @@ def test_imagenet_c_parent_folder_is_named(tmp_path):
 
 
 # --- the fine-grained split files --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_fine_grained_split_files(tmp_path, dataset):
@@ -238,8 +266,9 @@ def test_fine_grained_bad_layouts(tmp_path):
 
 def test_cifar10_c_reads_the_right_severity_block_and_labels(tmp_path):
     root = cifar10_c_tree(tmp_path / "CIFAR-10-C", ["fog", "snow"], per_severity=4)
-    datamodule = CIFAR10CDataModule(root, corruptions=["fog", "snow"], severities=[2, 5], image_size=32,
-                                    batch_size=4, stream="sorted")
+    datamodule = CIFAR10CDataModule(
+        root, corruptions=["fog", "snow"], severities=[2, 5], image_size=32, batch_size=4, stream="sorted"
+    )
     assert datamodule.domains == ["fog_2", "fog_5", "snow_2", "snow_5"]
     assert datamodule.class_names[0] == "airplane" and len(datamodule.class_names) == 10
     batches = list(datamodule.predict_dataloader())
@@ -252,9 +281,14 @@ def test_cifar10_c_reads_the_right_severity_block_and_labels(tmp_path):
     assert next(iter(upsampled.predict_dataloader()))["image"].shape == (2, 3, 64, 64)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"corruptions": ["rain"]}, "rain"), ({"severities": [6]}, "severities"), ({"corruptions": ["snow"]}, "snow.npy"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"corruptions": ["rain"]}, "rain"),
+        ({"severities": [6]}, "severities"),
+        ({"corruptions": ["snow"]}, "snow.npy"),
+    ],
+)
 def test_cifar10_c_errors_name_the_fix(tmp_path, kwargs, match):
     root = cifar10_c_tree(tmp_path / "c", ["fog"])
     with pytest.raises((ValueError, FileNotFoundError), match=match):

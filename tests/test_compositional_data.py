@@ -7,11 +7,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_vlm, mmvp_vlm_tree, sugarcrepe_tree, whatsup_tree, winoground_tree
-from tta.datamodules import (MMVPVLMDataModule, SugarCrepeDataModule, WhatsUpDataModule, WinogroundDataModule,
-                             WorldGroupsDataModule)
-from tta.models import GroupScorer
+
+from tta.datamodules import (
+    MMVPVLMDataModule,
+    SugarCrepeDataModule,
+    WhatsUpDataModule,
+    WinogroundDataModule,
+    WorldGroupsDataModule,
+)
+from tta.tasks import GroupScorer
 from tta.world import COLOUR_NAMES, SHAPES
 from tta.world.groups import render_groups
 
@@ -21,25 +26,27 @@ def batches(datamodule):
 
 
 def objects(caption: str) -> tuple[tuple[str, str], str, tuple[str, str]]:
-    """"a red circle left of a blue square." -> ((red, circle), "left of", (blue, square))."""
+    """ "a red circle left of a blue square." -> ((red, circle), "left of", (blue, square))."""
     words = caption.rstrip(".").split()
     return (words[1], words[2]), " ".join(words[3:-3]), (words[-2], words[-1])
 
 
 # --- the offline world ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["relation", "colour", "shape"])
 def test_world_group_captions_differ_by_the_swap_alone(kind):
     groups = render_groups(kind, 20, seed=1)
     assert groups.images.shape == (20, 2, 3, 64, 64)
-    for (a, b) in groups.captions:
+    for a, b in groups.captions:
         assert a != b and sorted(a.rstrip(".").split()) == sorted(b.rstrip(".").split())  # same words
         (c1, s1), rel, (c2, s2) = objects(a)
         (d1, t1), rel_b, (d2, t2) = objects(b)
         assert rel == rel_b and c1 != c2 and s1 != s2
         assert c1 in COLOUR_NAMES and s1 in SHAPES
-        expected = {"relation": ((c2, s2), (c1, s1)), "colour": ((c2, s1), (c1, s2)),
-                    "shape": ((c1, s2), (c2, s1))}[kind]
+        expected = {"relation": ((c2, s2), (c1, s1)), "colour": ((c2, s1), (c1, s2)), "shape": ((c1, s2), (c2, s1))}[
+            kind
+        ]
         assert ((d1, t1), (d2, t2)) == expected
     # the two images of a group share their background and differ where the objects are
     diff = (groups.images[:, 0] - groups.images[:, 1]).abs().amax(1)
@@ -55,12 +62,13 @@ def test_world_groups_same_scenes_in_every_domain():
 
 
 def test_world_groups_datamodule_contract():
-    datamodule = WorldGroupsDataModule(kinds=["colour", "shape"], domains=["clean", "blur@1"], n_per_cell=3,
-                                       image_size=32, batch_size=5)
+    datamodule = WorldGroupsDataModule(
+        kinds=["colour", "shape"], domains=["clean", "blur@1"], n_per_cell=3, image_size=32, batch_size=5
+    )
     found = batches(datamodule)
     batch = found[0]
     assert batch["images"].shape == (5, 2, 3, 32, 32) and batch["images"].dtype == torch.float32
-    assert 0 <= batch["images"].min() and batch["images"].max() <= 1
+    assert batch["images"].min() >= 0 and batch["images"].max() <= 1
     assert len(batch["captions"]) == 5 and all(len(c) == 2 for c in batch["captions"])
     assert torch.cat([b["index"] for b in found]).tolist() == list(range(12))
     assert [d for b in found for d in b["domain"]] == ["clean"] * 6 + ["blur@1"] * 6
@@ -68,19 +76,23 @@ def test_world_groups_datamodule_contract():
     assert datamodule.domains == ["clean", "blur@1"] and datamodule.kinds == ["colour", "shape"]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"kinds": ["size"]}, "swap kind"),
-    ({"domains": ["fog"]}, "domain"),
-    ({"domains": ["noise@9"]}, "severity"),
-    ({"domains": ["clean", "clean"]}, "repeat"),
-    ({"n_per_cell": 0}, "n_per_cell"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kinds": ["size"]}, "swap kind"),
+        ({"domains": ["fog"]}, "domain"),
+        ({"domains": ["noise@9"]}, "severity"),
+        ({"domains": ["clean", "clean"]}, "repeat"),
+        ({"n_per_cell": 0}, "n_per_cell"),
+    ],
+)
 def test_world_groups_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WorldGroupsDataModule(**kwargs)
 
 
 # --- readers ---------------------------------------------------------------------------------------
+
 
 def test_winoground_reader(tmp_path):
     datamodule = WinogroundDataModule(winoground_tree(tmp_path), image_size=16, batch_size=2)

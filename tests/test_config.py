@@ -11,10 +11,10 @@ from importlib.resources import files
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import fake_data_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from conftest import fake_data_overrides
 from tta.models import VisionLanguageModel
 
 CONFIGS = files("tta.configs")
@@ -24,8 +24,7 @@ HYDRA_GROUPS = {"hydra"}
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in CONFIGS.joinpath(group).iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in CONFIGS.joinpath(group).iterdir() if p.name.endswith(".yaml"))
 
 
 def test_every_group_is_tested():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAKE_TREE
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from conftest import FAKE_TREE
 from tta.datamodules import ImageFolderDataModule, WorldDataModule
 from tta.metrics import classification_metrics, summarize
 from tta.world import CLASS_NAMES, render_domain
@@ -32,6 +32,7 @@ def assert_batch_contract(batch, image_size):
 
 
 # --- the offline world -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("image_size", [64, 32])
 def test_world_batches_keep_the_contract(image_size):
@@ -68,14 +69,16 @@ def test_world_all_domains():
     assert WorldDataModule(domains="blur", n_per_domain=1).domains == ["blur"]
 
 
-@pytest.mark.parametrize("kwargs", [{"domains": []}, {"domains": ["clean", "clean"]}, {"severity": 0}, {"severity": 6},
-                                    {"n_per_domain": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"domains": []}, {"domains": ["clean", "clean"]}, {"severity": 0}, {"severity": 6}, {"n_per_domain": 0}]
+)
 def test_world_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         WorldDataModule(**kwargs)
 
 
 # --- image folders ---------------------------------------------------------------------------
+
 
 def test_image_folder_batches_keep_the_contract(image_tree):
     datamodule = ImageFolderDataModule(image_tree, image_size=24, batch_size=3, stream="sorted")
@@ -97,8 +100,9 @@ def test_image_folder_class_names_from_folders(image_tree):
 
 
 def test_image_folder_given_class_names_and_domain(image_tree):
-    datamodule = ImageFolderDataModule(image_tree, class_names=["red apple", "dog", "fish"], domain="photos",
-                                       image_size=24)
+    datamodule = ImageFolderDataModule(
+        image_tree, class_names=["red apple", "dog", "fish"], domain="photos", image_size=24
+    )
     assert datamodule.class_names == ["red apple", "dog", "fish"]
     assert datamodule.domains == ["photos"]
     assert predict_batches(datamodule)[0]["domain"][0] == "photos"
@@ -124,6 +128,7 @@ def test_image_folder_ignores_other_files(image_tree):
 
 
 # --- metrics ---------------------------------------------------------------------------------
+
 
 def test_ece_matches_torchmetrics():
     g = torch.Generator().manual_seed(0)
@@ -152,8 +157,7 @@ def test_unknown_labels_are_excluded():
 
 
 def test_summarize_per_domain():
-    out = summarize(pred=[0, 1, 1, 2], label=[0, 0, 1, 2], confidence=[0.9, 0.6, 0.8, 0.7],
-                    domain=["b", "a", "a", "b"])
+    out = summarize(pred=[0, 1, 1, 2], label=[0, 0, 1, 2], confidence=[0.9, 0.6, 0.8, 0.7], domain=["b", "a", "a", "b"])
     assert list(out["domains"]) == ["b", "a"]
     assert out["n"] == 4 and out["accuracy"] == pytest.approx(0.75)
     assert out["domains"]["b"]["accuracy"] == 1.0 and out["domains"]["a"]["accuracy"] == 0.5

@@ -6,15 +6,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from diffusers import StableDiffusionImageVariationPipeline
-
 from test_tta_callbacks import state_hash
+
 from tta.augment import TINY_PIPELINE, DiffusionViewGenerator
 from tta.callbacks import DiffTPT
 from tta.datamodules import WorldDataModule
 from tta.methods.difftpt import cosine_filter, difftpt_adapt
 from tta.methods.entropy import n_confident
-from tta.models import ZeroShotClassifier, create_vlm
+from tta.models import create_vlm
 from tta.models.prompt import PromptLearner
+from tta.tasks import ZeroShotClassifier
 
 
 def tiny_generator(cache_dir=None, **kwargs) -> DiffusionViewGenerator:
@@ -42,6 +43,7 @@ def images(n: int = 2, seed: int = 0, size: int = 40) -> torch.Tensor:
 
 # --- the generator ------------------------------------------------------------------------------
 
+
 def test_views_have_one_uint8_stack_per_image_in_batches_of_batch_size(pipeline_calls):
     views = tiny_generator().views(images(2), [5, 6])
     assert views.shape == (2, 3, 3, 32, 32) and views.dtype == torch.uint8  # tiny pipeline: 32 px
@@ -64,8 +66,17 @@ def test_the_cache_serves_a_rerun_bit_identically_without_generating(tmp_path, p
     assert torch.equal(uncached, first)  # and the cache did not change the views
 
 
-@pytest.mark.parametrize("change", [{"seed": 9}, {"image": 1}, {"guidance_scale": 1.5},
-                                    {"num_inference_steps": 3}, {"scheduler": "DDIMScheduler"}, {"tiny_seed": 1}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 9},
+        {"image": 1},
+        {"guidance_scale": 1.5},
+        {"num_inference_steps": 3},
+        {"scheduler": "DDIMScheduler"},
+        {"tiny_seed": 1},
+    ],
+)
 def test_cache_key_covers_image_seed_model_and_settings(tmp_path, change):
     tiny_generator(tmp_path).views(images(1), [4])
     kwargs = {k: v for k, v in change.items() if k not in ("seed", "image")}
@@ -89,7 +100,10 @@ def test_a_local_folder_loads_and_its_files_are_part_of_the_key(tmp_path):
 
 def test_fill_cache_pre_pass_then_prediction_reads_only(tmp_path, pipeline_calls):
     generator = tiny_generator(tmp_path)
-    batches = [{"image": images(2), "index": torch.tensor([0, 1])}, {"image": images(1, seed=1), "index": torch.tensor([7])}]
+    batches = [
+        {"image": images(2), "index": torch.tensor([0, 1])},
+        {"image": images(1, seed=1), "index": torch.tensor([7])},
+    ]
     assert generator.fill_cache(batches, lambda i: 100 + i) == 3
     assert generator.n_generated == 9
     calls = len(pipeline_calls)
@@ -115,6 +129,7 @@ def test_generator_bad_inputs_get_clear_errors(tmp_path):
 
 
 # --- the filters ----------------------------------------------------------------------------
+
 
 def test_filter_counts_127_candidates_to_101_then_30():
     torch.manual_seed(0)
@@ -162,6 +177,7 @@ def test_difftpt_adapt_selects_from_the_cosine_kept_set_and_predicts_on_the_orig
 
 # --- the callback ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def world_module():
     return ZeroShotClassifier(create_vlm("tta-world-clip"))
@@ -169,8 +185,9 @@ def world_module():
 
 def predict(module, callback, n=4):
     data = WorldDataModule(domains=["blur"], n_per_domain=n, batch_size=2, seed=321)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback])
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]
+    )
     batches = trainer.predict(module, datamodule=data)
     return torch.cat([b["logits"] for b in batches]), batches
 

@@ -8,9 +8,20 @@ import itertools
 import pytest
 import torch
 
-from tta.metrics import (GroupMatch, GroupScore, ImageScore, MultipleChoiceAccuracy, TextScore, best_matching,
-                         group_match, group_match_margin, group_score, image_score, multiple_choice_accuracy,
-                         text_score)
+from tta.metrics import (
+    GroupMatch,
+    GroupScore,
+    ImageScore,
+    MultipleChoiceAccuracy,
+    TextScore,
+    best_matching,
+    group_match,
+    group_match_margin,
+    group_score,
+    image_score,
+    multiple_choice_accuracy,
+    text_score,
+)
 from tta.metrics.groups import multiple_choice_correct
 
 
@@ -102,8 +113,12 @@ def test_metric_classes_accumulate_like_the_functions():
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(7, 3, 3, generator=g) for _ in range(3)]
     everything = torch.cat(batches)
-    for metric, fn in ((TextScore(), text_score), (ImageScore(), image_score), (GroupScore(), group_score),
-                       (GroupMatch(), group_match)):
+    for metric, fn in (
+        (TextScore(), text_score),
+        (ImageScore(), image_score),
+        (GroupScore(), group_score),
+        (GroupMatch(), group_match),
+    ):
         for batch in batches:
             metric.update(batch)
         assert metric.compute().item() == pytest.approx(fn(everything).float().mean().item())

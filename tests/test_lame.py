@@ -12,9 +12,17 @@ import torch.nn.functional as F
 
 from tta.callbacks import LAME, STS, PredictionWriter
 from tta.datamodules import WorldDataModule
-from tta.methods.lame import (AFFINITIES, fixed_point, knn_affinity, laplacian_adjust, linear_affinity,
-                              rbf_affinity, rbf_sigma)
-from tta.models import TimmClassifier, ZeroShotClassifier, create_vlm
+from tta.methods.lame import (
+    AFFINITIES,
+    fixed_point,
+    knn_affinity,
+    laplacian_adjust,
+    linear_affinity,
+    rbf_affinity,
+    rbf_sigma,
+)
+from tta.models import create_vlm
+from tta.tasks import TimmClassifier, ZeroShotClassifier
 
 #: Four points on the unit circle at these angles (radians): a "line" along the circle, so the
 #: Euclidean distance between points i and j is 2 sin(|a_i - a_j| / 2), increasing with |a_i - a_j|.
@@ -64,8 +72,10 @@ def test_rbf_sigma_counts_the_point_itself_and_the_affinity_keeps_self_loops():
 
     sigma = sum(nearest_other) / 4
     w = rbf_affinity(points, k=2)
-    expected = torch.tensor([[math.exp(-chord(a, b) ** 2 / (2 * sigma**2)) for b in ANGLES.tolist()]
-                             for a in ANGLES.tolist()], dtype=torch.float64)
+    expected = torch.tensor(
+        [[math.exp(-(chord(a, b) ** 2) / (2 * sigma**2)) for b in ANGLES.tolist()] for a in ANGLES.tolist()],
+        dtype=torch.float64,
+    )
     assert torch.allclose(w, expected, rtol=1e-9, atol=0)
     assert torch.equal(w.diagonal(), torch.ones(4, dtype=torch.float64))
     assert torch.equal(w, w.T)
@@ -149,8 +159,10 @@ def test_neighbours_pull_a_mislabelled_point_to_its_cluster_class(affinity):
     assert torch.equal(z.argmax(-1), labels)
 
 
-@pytest.mark.parametrize("kwargs", [dict(affinity="cosine"), dict(k=0), dict(k=2.5), dict(max_iter=0),
-                                    dict(tol=-1.0), dict(tol=float("nan"))])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(affinity="cosine"), dict(k=0), dict(k=2.5), dict(max_iter=0), dict(tol=-1.0), dict(tol=float("nan"))],
+)
 def test_bad_arguments_are_refused_with_the_fix(kwargs):
     with pytest.raises(ValueError, match="must be"):
         LAME(**kwargs)
@@ -170,8 +182,9 @@ def predict(module: pl.LightningModule, callbacks: list[pl.Callback], tmp_path=N
     data = WorldDataModule(**{"domains": ["clean"], "n_per_domain": 16, "batch_size": 8, **data_kwargs})
     if tmp_path is not None:
         callbacks = [*callbacks, PredictionWriter(tmp_path, seed=0)]
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks
+    )
     return trainer.predict(module, datamodule=data)
 
 
@@ -220,7 +233,8 @@ def test_timm_classifier_outputs_match_its_model():
     images = torch.rand(2, 3, 64, 64)
     out = module(images)
     normalized = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
-        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
     assert torch.allclose(out["logits"], module.model(normalized), atol=1e-5)
     pooled = module.model.forward_head(module.model.forward_features(normalized), pre_logits=True)
     assert torch.allclose(out["image_features"], F.normalize(pooled, dim=-1), atol=1e-6)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_MODELS, make_tiny_vlm
+
 from tta.models import PromptLearner
 
 CLASS_NAMES = [

@@ -15,9 +15,18 @@ def fake_run(directory, card: str, data: str, accuracy: float, compose) -> None:
     cfg = compose([f"experiment={card}", "data.root=/data/x"])
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    metrics = {"method": "tpt", "model": "ViT-B-16", "data": data, "seed": 0, "n": 10, "accuracy": accuracy,
-               "ece": 0.1, "ms_per_sample": 1.0, "peak_mem_mb": 1.0, "domains": {data: {"n": 10,
-               "accuracy": accuracy, "ece": 0.1, "ms_per_sample": 1.0}}}
+    metrics = {
+        "method": "tpt",
+        "model": "ViT-B-16",
+        "data": data,
+        "seed": 0,
+        "n": 10,
+        "accuracy": accuracy,
+        "ece": 0.1,
+        "ms_per_sample": 1.0,
+        "peak_mem_mb": 1.0,
+        "domains": {data: {"n": 10, "accuracy": accuracy, "ece": 0.1, "ms_per_sample": 1.0}},
+    }
     (directory / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -39,12 +48,15 @@ def test_compare_published_without_a_card_says_what_to_do(tmp_path):
         published_table(tmp_path)
 
 
-@pytest.mark.parametrize(("card", "published"), [
-    ("tpt_imagenet_vit_b16", [68.98, 54.77, 63.45, 77.06, 47.94]),
-    ("tpt_imagenet_rn50", [60.74, 26.67, 54.70, 59.11, 35.09]),
-    ("zero_shot_imagenet_vit_b16", [66.73, 47.87, 60.86, 73.98, 46.09]),
-    ("sts_imagenet_vit_b16", [68.85, 61.23, 64.15, 77.13, 48.06]),
-])
+@pytest.mark.parametrize(
+    ("card", "published"),
+    [
+        ("tpt_imagenet_vit_b16", [68.98, 54.77, 63.45, 77.06, 47.94]),
+        ("tpt_imagenet_rn50", [60.74, 26.67, 54.70, 59.11, 35.09]),
+        ("zero_shot_imagenet_vit_b16", [66.73, 47.87, 60.86, 73.98, 46.09]),
+        ("sts_imagenet_vit_b16", [68.85, 61.23, 64.15, 77.13, 48.06]),
+    ],
+)
 def test_imagenet_cards_carry_the_published_table(compose, card, published):
     """The numbers of shared/METHODS.md, keyed by the datamodules' names (ImageNet, -A, -V2, -R, -Sketch)."""
     cfg = compose([f"experiment={card}"])

@@ -10,9 +10,10 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
-
 from conftest import make_tiny_vlm
+from PIL import Image
+from test_tta_callbacks import state_hash
+
 from tta.callbacks import PredictionWriter, SearchTTA
 from tta.datamodules import EpisodeFolderDataModule, WorldSearchDataModule
 from tta.datamodules.search import collate_episodes
@@ -29,9 +30,8 @@ from tta.methods.search import (
     run_search,
     search_with_tta,
 )
-from tta.models import SearchEpisodeRunner
+from tta.tasks import SearchEpisodeRunner
 from tta.world.search import SearchWorld, render_search_episode
-from test_tta_callbacks import state_hash
 
 #: A small world for tests: 6 x 6 cells of 32 px, dense enough that every episode has targets.
 SMALL = SearchWorld(rows=6, cols=6, cell_px=32, n_sites=4, dense_rate=1.0, sparse_rate=0.1)
@@ -49,6 +49,7 @@ def episode():
 
 # --- the math on hand-made tensors -------------------------------------------------------------
 
+
 def test_poisson_loss_matches_a_hand_computed_case():
     rates = torch.tensor([0.5, 0.25, 0.8])
     counts = torch.tensor([2, 0, 1])
@@ -57,7 +58,8 @@ def test_poisson_loss_matches_a_hand_computed_case():
     expected = (0.1 * 0.5 + 0.5 * 0.25 + 1.0 * 0.8) - 4 * (2 * math.log(0.5 + 1e-6) + 1 * math.log(0.8 + 1e-6))
     assert poisson_loss(rates, counts, weights) == pytest.approx(expected, rel=1e-6)
     assert poisson_loss(rates, counts, weights, positive_weight=1.0) == pytest.approx(
-        0.975 - (2 * math.log(0.5 + 1e-6) + math.log(0.8 + 1e-6)), rel=1e-6)
+        0.975 - (2 * math.log(0.5 + 1e-6) + math.log(0.8 + 1e-6)), rel=1e-6
+    )
 
 
 def test_negative_weights_grow_with_the_visited_share_of_each_region():
@@ -97,6 +99,7 @@ def test_planner_map_is_normalised_and_cells_are_row_major():
 
 
 # --- planners ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("planner", ["greedy", "lawnmower"])
 @pytest.mark.parametrize("budget", [0, 5, 40])
@@ -144,6 +147,7 @@ def test_run_search_rejects_a_start_outside_the_grid_and_unknown_planners():
 
 # --- the world's episodes ----------------------------------------------------------------------
 
+
 def test_world_episodes_are_seeded_and_counts_match_the_targets(episode):
     again = render_search_episode(3, world=SMALL)
     assert torch.equal(episode.image, again.image) and torch.equal(episode.counts, again.counts)
@@ -174,10 +178,12 @@ def test_targets_are_denser_in_the_dense_region_type():
 
 # --- the session: observe, reset, the user's model ----------------------------------------------
 
+
 def test_observe_drives_an_episode_without_lightning(vlm, episode):
     before = state_hash(vlm)
-    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, total_steps=12, lr_start=1e-3,
-                               lr_end=1e-2, update_every=5)
+    session = SearchTTASession(
+        vlm, episode.image, (6, 6), episode.query, total_steps=12, lr_start=1e-3, lr_end=1e-2, update_every=5
+    )
     initial = session.map.clone()
     assert initial.shape == (6, 6) and initial.min() == 0 and initial.max() == 1
     # a robot loop: observe a cell, get the map, pick the next cell
@@ -208,8 +214,9 @@ def test_a_new_find_triggers_an_update_and_an_empty_cell_does_not(vlm, episode):
 
 
 def test_every_update_starts_from_the_original_weights(vlm, episode, monkeypatch):
-    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, total_steps=10, lr_start=1e-2,
-                               lr_end=1e-2, update_every=1)
+    session = SearchTTASession(
+        vlm, episode.image, (6, 6), episode.query, total_steps=10, lr_start=1e-2, lr_end=1e-2, update_every=1
+    )
     checked = []
     real_step = torch.optim.Adam.step
 
@@ -238,8 +245,9 @@ def test_the_session_takes_an_image_query_and_rejects_bad_observations(vlm, epis
 
 def test_same_seed_same_search(vlm, episode):
     def search():
-        session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, total_steps=10, lr_start=1e-3,
-                                   lr_end=1e-2, seed=7)
+        session = SearchTTASession(
+            vlm, episode.image, (6, 6), episode.query, total_steps=10, lr_start=1e-3, lr_end=1e-2, seed=7
+        )
         return search_with_tta(session, episode.counts, 10).path
 
     assert search() == search()
@@ -247,9 +255,17 @@ def test_same_seed_same_search(vlm, episode):
 
 # --- datamodules --------------------------------------------------------------------------------
 
+
 def test_world_search_datamodule_yields_the_episode_contract():
-    data = WorldSearchDataModule(domains=["clean", "noise"], n_episodes=2, image_size=32, grid=(6, 6),
-                                 world={"n_sites": 4}, query="image", batch_size=2)
+    data = WorldSearchDataModule(
+        domains=["clean", "noise"],
+        n_episodes=2,
+        image_size=32,
+        grid=(6, 6),
+        world={"n_sites": 4},
+        query="image",
+        batch_size=2,
+    )
     data.setup("predict")
     batches = list(data.predict_dataloader())
     assert len(batches) == 2
@@ -271,11 +287,20 @@ def write_episodes(root, episodes, size=(60, 40)):
 
 
 def test_episode_folder_reads_images_queries_and_counts_targets(tmp_path):
-    root = write_episodes(tmp_path / "eps", [
-        {"image": "area.png", "query": "a red car.", "targets": [[5, 5], [7, 6], [59, 39]], "grid": [2, 3]},
-        {"image": "area.png", "query_image": "example.png", "targets": [], "grid": [4, 4], "start": [1, 2],
-         "domain": "site b"},
-    ])
+    root = write_episodes(
+        tmp_path / "eps",
+        [
+            {"image": "area.png", "query": "a red car.", "targets": [[5, 5], [7, 6], [59, 39]], "grid": [2, 3]},
+            {
+                "image": "area.png",
+                "query_image": "example.png",
+                "targets": [],
+                "grid": [4, 4],
+                "start": [1, 2],
+                "domain": "site b",
+            },
+        ],
+    )
     data = EpisodeFolderDataModule(root)
     assert data.class_names == ["a red car.", "example"] and data.domains == ["user", "site b"]
     data.setup("predict")
@@ -306,10 +331,12 @@ def test_episode_folder_errors_name_the_problem(tmp_path):
 
 # --- the runner and the callback in Trainer.predict ----------------------------------------------
 
+
 def predict(module, callbacks, n=2):
     data = WorldSearchDataModule(n_episodes=n, image_size=64, grid=(5, 5), world={"n_sites": 4, "dense_rate": 1.0})
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks
+    )
     return trainer.predict(module, datamodule=data)
 
 
@@ -350,7 +377,7 @@ def test_search_tta_callback_replaces_outputs_keeps_unadapted_and_leaves_the_mod
 
 
 def test_search_tta_needs_the_episode_runner():
-    from tta.models import ZeroShotClassifier
+    from tta.tasks import ZeroShotClassifier
 
     with pytest.raises(TypeError, match="SearchEpisodeRunner"):
         SearchTTA().on_predict_start(None, ZeroShotClassifier(make_tiny_vlm("tta-tiny-clip"), ["a", "b"]))
@@ -359,9 +386,15 @@ def test_search_tta_needs_the_episode_runner():
 
 
 def test_summary_counts_unreached_targets_as_empty_steps(runner):
-    out = {"index": torch.tensor([0, 1]), "domain": ["clean", "clean"], "n_targets": torch.tensor([4, 0]),
-           "found": torch.tensor([1, 0]), "steps_first": torch.tensor([3, -1]), "steps_middle": torch.tensor([-1, -1]),
-           "steps_last": torch.tensor([-1, -1])}
+    out = {
+        "index": torch.tensor([0, 1]),
+        "domain": ["clean", "clean"],
+        "n_targets": torch.tensor([4, 0]),
+        "found": torch.tensor([1, 0]),
+        "steps_first": torch.tensor([3, -1]),
+        "steps_middle": torch.tensor([-1, -1]),
+        "steps_last": torch.tensor([-1, -1]),
+    }
     rows = runner.prediction_rows(out)
     assert rows[0]["found_fraction"] == "0.250000" and rows[0]["steps_middle"] == ""
     assert rows[1]["found_fraction"] == ""
@@ -372,10 +405,28 @@ def test_summary_counts_unreached_targets_as_empty_steps(runner):
 
 
 def test_collate_keeps_episodes_of_different_sizes():
-    items = [{"image": torch.zeros(3, 4, 4), "query": "a", "query_image": None, "counts": torch.zeros(2, 2),
-              "grid": (2, 2), "start": (0, 0), "index": 0, "domain": "d"},
-             {"image": torch.zeros(3, 6, 8), "query": "b", "query_image": None, "counts": torch.zeros(3, 4),
-              "grid": (3, 4), "start": (1, 1), "index": 1, "domain": "d"}]
+    items = [
+        {
+            "image": torch.zeros(3, 4, 4),
+            "query": "a",
+            "query_image": None,
+            "counts": torch.zeros(2, 2),
+            "grid": (2, 2),
+            "start": (0, 0),
+            "index": 0,
+            "domain": "d",
+        },
+        {
+            "image": torch.zeros(3, 6, 8),
+            "query": "b",
+            "query_image": None,
+            "counts": torch.zeros(3, 4),
+            "grid": (3, 4),
+            "start": (1, 1),
+            "index": 1,
+            "domain": "d",
+        },
+    ]
     batch = collate_episodes(items)
     assert [tuple(i.shape) for i in batch["image"]] == [(3, 4, 4), (3, 6, 8)]
     assert batch["grid"].tolist() == [[2, 2], [3, 4]]

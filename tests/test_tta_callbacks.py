@@ -11,7 +11,8 @@ import torch
 from tta.callbacks import STS, TPT, PredictionWriter, ViewAverage
 from tta.callbacks.base import sample_seed
 from tta.datamodules import WorldDataModule
-from tta.models import ZeroShotClassifier, create_vlm
+from tta.models import create_vlm
+from tta.tasks import ZeroShotClassifier
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -24,11 +25,21 @@ def state_hash(module: torch.nn.Module) -> str:
 
 def predict(module, callbacks, batch_size=4, n=6, domains=("blur",), inference_mode=True, precision="32-true"):
     data = WorldDataModule(domains=list(domains), n_per_domain=n, batch_size=batch_size, seed=321)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks, inference_mode=inference_mode, precision=precision)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        inference_mode=inference_mode,
+        precision=precision,
+    )
     batches = trainer.predict(module, datamodule=data)
-    return {key: torch.cat([b[key] for b in batches]) for key in ("logits", "logits_zs", "probs", "index")
-            if key in batches[0]}, batches
+    return {
+        key: torch.cat([b[key] for b in batches])
+        for key in ("logits", "logits_zs", "probs", "index")
+        if key in batches[0]
+    }, batches
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +156,16 @@ def test_writer_records_adapted_and_zero_shot_predictions(world_module, tmp_path
     assert int(first["pred_zs"]) == int(out["logits_zs"][0].argmax())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n_views": 0}, "n_views"), ({"views": "mixup"}, "views"), ({"images_per_step": 0}, "images_per_step"),
-    ({"lr": 0}, "lr"), ({"selection": 0}, "selection"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_views": 0}, "n_views"),
+        ({"views": "mixup"}, "views"),
+        ({"images_per_step": 0}, "images_per_step"),
+        ({"lr": 0}, "lr"),
+        ({"selection": 0}, "selection"),
+    ],
+)
 def test_tpt_arguments_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TPT(**kwargs)
@@ -180,11 +197,13 @@ def test_a_batch_whose_images_all_failed_to_decode_passes_through(world_module, 
     root = class_tree(tmp_path / "data", ["apple", "pear"], per_folder=2)
     for bad in (root / "pear").iterdir():
         bad.write_bytes(b"not an image")  # the whole second batch (sorted stream, batch 2) fails
-    data = ImageFolderDataModule(root, image_size=64, batch_size=2, stream="sorted",
-                                 class_names=["red circle", "blue square"])
+    data = ImageFolderDataModule(
+        root, image_size=64, batch_size=2, stream="sorted", class_names=["red circle", "blue square"]
+    )
     writer = PredictionWriter(tmp_path / "run", seed=0)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         callbacks=[TPT(n_views=4, seed=0), writer])
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[TPT(n_views=4, seed=0), writer]
+    )
     batches = trainer.predict(world_module, datamodule=data)
     assert [len(b["index"]) for b in batches] == [2, 0]
     assert writer.metrics["n"] == 2 and writer.metrics["skipped_images"] == 2

@@ -11,14 +11,20 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-
 from conftest import make_tiny_vlm
+
 from tta.callbacks import TTM, PredictionWriter
 from tta.callbacks.writer import read_rows
 from tta.datamodules import WorldDataModule, WorldGroupsDataModule
-from tta.methods.ttm import (TestTimeMatching, TTMSchedule, contrastive_loss, hungarian_labels, select_choice_labels,
-                             select_group_labels)
-from tta.models import GroupScorer, ZeroShotClassifier
+from tta.methods.ttm import (
+    TestTimeMatching,
+    TTMSchedule,
+    contrastive_loss,
+    hungarian_labels,
+    select_choice_labels,
+    select_group_labels,
+)
+from tta.tasks import GroupScorer, ZeroShotClassifier
 from tta.world.groups import render_groups
 
 
@@ -39,6 +45,7 @@ def two_by_two(margins: list[float]) -> torch.Tensor:
 
 # --- selection ---------------------------------------------------------------------------------
 
+
 def test_2x2_selection_by_threshold():
     keep, permutation = select_group_labels(two_by_two([3.0, -3.0, 1.0, -1.0, 2.0, -2.0, 0.0]), tau=2.0)
     assert keep.tolist() == [True, True, False, False, True, True, False]
@@ -48,8 +55,12 @@ def test_2x2_selection_by_threshold():
 
 
 def test_kxk_selection_uses_the_lead_over_the_second_best_matching():
-    scores = torch.tensor([[[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]],   # lead 10
-                           [[1.0, 0.0, 0.0], [0.0, 1.0, 0.5], [0.0, 0.5, 1.0]]])  # lead 1
+    scores = torch.tensor(
+        [
+            [[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]],  # lead 10
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.5], [0.0, 0.5, 1.0]],
+        ]
+    )  # lead 1
     keep, permutation = select_group_labels(scores, tau=2.0)
     assert keep.tolist() == [True, False]
     assert permutation[0].tolist() == [2, 0, 1]
@@ -72,6 +83,7 @@ def test_hungarian_keeps_the_most_confident_fraction():
 
 
 # --- schedule and losses -------------------------------------------------------------------------
+
 
 def test_schedule():
     schedule = TTMSchedule()
@@ -152,7 +164,8 @@ def test_multiple_choice_and_ungrouped_paths(groups):
     assert rounds[-1].selected == len(options)
     two_rounds = TTMSchedule(rounds=2, tau_max=2.0, epochs=1, groups_per_batch=3, lr=1e-3)
     rounds = TestTimeMatching(make_tiny_vlm("tta-tiny-clip"), two_rounds).fit_set(
-        groups.images.flatten(0, 1), [c for pair in groups.captions for c in pair])
+        groups.images.flatten(0, 1), [c for pair in groups.captions for c in pair]
+    )
     assert rounds[0].selected == 0 and rounds[1].selected == 12  # keep 1 - tau/tau_max: 0 then all
 
 
@@ -161,20 +174,28 @@ def test_bad_groups_are_named(groups):
     with pytest.raises(ValueError, match="N x k x 3 x H x W"):
         matching.fit_groups(groups.images[0], groups.captions)
     with pytest.raises(ValueError, match="same number of captions"):
-        matching.fit_groups(groups.images, [c + ["extra"] for c in groups.captions])
+        matching.fit_groups(groups.images, [[*c, "extra"] for c in groups.captions])
     with pytest.raises(ValueError, match="loss"):
         TestTimeMatching(make_tiny_vlm("tta-tiny-clip"), loss="hinge")
 
 
 # --- the callback -------------------------------------------------------------------------------
 
+
 def predict(vlm, callbacks, **data):
-    datamodule = WorldGroupsDataModule(kinds=["colour", "shape"], domains=["clean", "noise@1"], n_per_cell=3,
-                                       image_size=vlm.image_size[0], batch_size=4, **data)
+    datamodule = WorldGroupsDataModule(
+        kinds=["colour", "shape"],
+        domains=["clean", "noise@1"],
+        n_per_cell=3,
+        image_size=vlm.image_size[0],
+        batch_size=4,
+        **data,
+    )
     module = GroupScorer(vlm)
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    trainer = pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu")
+    trainer = pl.Trainer(
+        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
     return module, trainer.predict(module, datamodule=datamodule)
 
 
@@ -214,8 +235,10 @@ def test_callback_with_the_prediction_writer(tmp_path):
 
 
 def test_callback_same_seed_same_predictions():
-    runs = [predict(make_tiny_vlm("tta-tiny-clip"), TTM(rounds=2, epochs=1, groups_per_batch=4, lr=1e-3))[1]
-            for _ in range(2)]
+    runs = [
+        predict(make_tiny_vlm("tta-tiny-clip"), TTM(rounds=2, epochs=1, groups_per_batch=4, lr=1e-3))[1]
+        for _ in range(2)
+    ]
     assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(*runs))
 
 
@@ -225,7 +248,12 @@ def test_callback_rejects_classifiers_and_bad_settings():
     with pytest.raises(ValueError, match="loss"):
         TTM(loss="hinge")
     vlm = make_tiny_vlm("tta-tiny-clip")
-    trainer = pl.Trainer(callbacks=[TTM(rounds=1, epochs=1)], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        callbacks=[TTM(rounds=1, epochs=1)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.raises(TypeError, match="GroupScorer"):
         trainer.predict(ZeroShotClassifier(vlm), datamodule=WorldDataModule(domains="clean", n_per_domain=4))

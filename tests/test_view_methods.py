@@ -81,7 +81,7 @@ def test_tpt_batched_equals_one_image_at_a_time(world_vlm):
     prompt = PromptLearner(world_vlm, CLASS_NAMES)
     features = _tiny_world_views(world_vlm, n_images=4)
     together = tpt_adapt(prompt, features, world_vlm.logits)
-    alone = [tpt_adapt(prompt, features[i:i + 1], world_vlm.logits) for i in range(4)]
+    alone = [tpt_adapt(prompt, features[i : i + 1], world_vlm.logits) for i in range(4)]
     assert torch.allclose(together.logits, torch.cat([a.logits for a in alone]), atol=1e-5)
     assert torch.allclose(together.variables, torch.cat([a.variables for a in alone]), atol=1e-6)
     assert torch.equal(together.logits.argmax(-1), torch.cat([a.logits for a in alone]).argmax(-1))
@@ -143,8 +143,12 @@ def test_sts_batched_equals_one_image_at_a_time_and_options_differ():
     views = F.normalize(torch.randn(3, 20, 16), dim=-1)
     logit_fn = lambda image, text: 30 * image @ text.transpose(-1, -2)  # noqa: E731
     together = sts_adapt(views, class_features, basis, logit_fn, steps=3, squared_norm=True)
-    alone = torch.cat([sts_adapt(views[i:i + 1], class_features, basis, logit_fn, steps=3,
-                                 squared_norm=True).logits for i in range(3)])
+    alone = torch.cat(
+        [
+            sts_adapt(views[i : i + 1], class_features, basis, logit_fn, steps=3, squared_norm=True).logits
+            for i in range(3)
+        ]
+    )
     assert torch.allclose(together.logits, alone, atol=1e-5)
     averaged = sts_adapt(views, class_features, basis, logit_fn, final="kept_average")
     assert not torch.allclose(averaged.logits.softmax(-1), together.logits.softmax(-1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -120,7 +122,7 @@ def difference_from_clean(domain: str, severity: int) -> torch.Tensor:
 @pytest.mark.parametrize("domain", ["noise", "blur", "contrast", "hue", "texture"])
 def test_pixel_change_grows_with_severity(domain):
     change = [difference_from_clean(domain, s).mean().item() for s in range(1, 6)]
-    assert all(a <= b for a, b in zip(change, change[1:])), change
+    assert all(a <= b for a, b in itertools.pairwise(change)), change
     assert change[-1] > change[0]
 
 
@@ -129,4 +131,4 @@ def test_sketch_outline_covers_less_with_severity():
     # outline; the rest of the object shows background, so the pixels that differ from clean
     # are the part of the object the outline no longer covers.
     uncovered = [(difference_from_clean("sketch", s) > 1e-6).float().mean().item() for s in range(1, 6)]
-    assert all(a < b for a, b in zip(uncovered, uncovered[1:])), uncovered
+    assert all(a < b for a, b in itertools.pairwise(uncovered)), uncovered

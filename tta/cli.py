@@ -1,9 +1,9 @@
 """``tta-predict``: compose the Hydra config, instantiate, ``Trainer.predict``, write results.
 
-    tta-predict                                   # the shipped tiny CLIP on every offline-world domain
-    tta-predict data.severity=5 seed=1            # any config value
-    tta-predict -m data.severity=1,3,5            # a multirun sweep
-    tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
+tta-predict                                   # the shipped tiny CLIP on every offline-world domain
+tta-predict data.severity=5 seed=1            # any config value
+tta-predict -m data.severity=1,3,5            # a multirun sweep
+tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     for name, node in (cfg.tta.get("callbacks") or {}).items():
         if "_target_" not in node:
             logging.getLogger(__name__).warning(
-                "tta.callbacks.%s sets options of a method that tta= does not select; ignored", name)
+                "tta.callbacks.%s sets options of a method that tta= does not select; ignored", name
+            )
             continue
         callbacks.append(instantiate(node))
     return callbacks
@@ -75,8 +76,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
             data_cfg.image_size = module.input_size
     datamodule = instantiate(data_cfg)
     callbacks = tta_callbacks(cfg)
-    writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg),
-                              run_info={"config": OmegaConf.to_container(cfg, resolve=True)})
+    writer = PredictionWriter(
+        output_dir, seed=cfg.seed, run_key=run_key(cfg), run_info={"config": OmegaConf.to_container(cfg, resolve=True)}
+    )
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TTAProgressBar())
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, writer])

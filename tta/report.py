@@ -34,9 +34,9 @@ import matplotlib
 import torch
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from tta.metrics.classification import ECE_BINS  # noqa: E402
+from tta.metrics.classification import ECE_BINS
 
 CLEAN = "clean"
 Group = tuple[str, str, str, Any]  # method, model, data, severity (None if the data has none)
@@ -94,12 +94,27 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     domains = _domains(runs)
     with_severity = any(key[3] is not None for key in groups)
     score = headline(runs[0])
-    header = ["method", "model", "data", *(["severity"] if with_severity else []), "seeds", *domains,
-              f"shifted mean ({score})", "ECE", "ms/sample", "peak MB"]
+    header = [
+        "method",
+        "model",
+        "data",
+        *(["severity"] if with_severity else []),
+        "seeds",
+        *domains,
+        f"shifted mean ({score})",
+        "ECE",
+        "ms/sample",
+        "peak MB",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (method, model, data, level), members in groups.items():
-        cells = [method, model, data, *([str(level) if level is not None else "-"] if with_severity else []),
-                 str(len(members))]
+        cells = [
+            method,
+            model,
+            data,
+            *([str(level) if level is not None else "-"] if with_severity else []),
+            str(len(members)),
+        ]
         for name in domains:
             values = _domain_values(members, name)
             cells.append(_cell(values) if values else "-")
@@ -154,8 +169,15 @@ def severity_plot(runs: list[dict[str, Any]], path: Path) -> bool:
         # methods often coincide (an adaptation that changes little): dodge them sideways and
         # vary marker and line so that none hides another
         dodge = (k - (len(lines) - 1) / 2) * 0.06
-        ax.errorbar([x + dodge for x in xs], means, yerr=errors, marker=markers[k % len(markers)],
-                    linestyle=styles[k % len(styles)], capsize=3, label=f"{method} ({model}, {data})")
+        ax.errorbar(
+            [x + dodge for x in xs],
+            means,
+            yerr=errors,
+            marker=markers[k % len(markers)],
+            linestyle=styles[k % len(styles)],
+            capsize=3,
+            label=f"{method} ({model}, {data})",
+        )
     ax.set_xticks(levels)
     ax.set_xlabel("severity")
     ax.set_ylabel(f"mean {headline(runs[0])} over shifted domains (%)")
@@ -204,8 +226,15 @@ def reliability_plot(runs: list[dict[str, Any]], path: Path) -> bool:
         centres, width = (edges[:-1] + edges[1:]) / 2, 1 / ECE_BINS
         used = count > 0
         ax.bar(centres[used], accuracy[used], width=width, edgecolor="black", linewidth=0.5, label="accuracy")
-        ax.bar(centres[used], (mean_conf - accuracy)[used], bottom=accuracy[used], width=width, color="red",
-               alpha=0.3, label="gap")
+        ax.bar(
+            centres[used],
+            (mean_conf - accuracy)[used],
+            bottom=accuracy[used],
+            width=width,
+            color="red",
+            alpha=0.3,
+            label="gap",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -233,13 +262,18 @@ def published_rows(directory: Path) -> list[list[str]]:
         run = json.loads(path.read_text())
         reference = published.accuracy.get(run["data"])
         ours = None if run["accuracy"] is None else 100 * run["accuracy"]
-        cells = [f"{reference:.2f}" if reference is not None else "not published",
-                 f"{ours - reference:+.2f}" if reference is not None and ours is not None else "-"]
-        rows.append([run["method"], run["model"], run["data"], str(run["seed"]),
-                     "-" if ours is None else f"{ours:.2f}", *cells])
+        cells = [
+            f"{reference:.2f}" if reference is not None else "not published",
+            f"{ours - reference:+.2f}" if reference is not None and ours is not None else "-",
+        ]
+        rows.append(
+            [run["method"], run["model"], run["data"], str(run["seed"]), "-" if ours is None else f"{ours:.2f}", *cells]
+        )
     if not rows:
-        raise FileNotFoundError(f"no run under {directory} has a published block: run an experiment= protocol "
-                                "card (configs/experiment) and point tta-report at its run directory")
+        raise FileNotFoundError(
+            f"no run under {directory} has a published block: run an experiment= protocol "
+            "card (configs/experiment) and point tta-report at its run directory"
+        )
     return rows
 
 
@@ -269,8 +303,11 @@ def report(directory: str | Path) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tta-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a run directory or a multirun directory")
-    parser.add_argument("--compare-published", action="store_true",
-                        help="also compare each run with its protocol card's published numbers (published.md)")
+    parser.add_argument(
+        "--compare-published",
+        action="store_true",
+        help="also compare each run with its protocol card's published numbers (published.md)",
+    )
     args = parser.parse_args(argv)
     try:
         table, written = report(args.directory)

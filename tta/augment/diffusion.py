@@ -19,7 +19,8 @@ Randomness and cache. View ``j`` of a sample whose seed is ``s`` (the per-sample
 callbacks give, :func:`tta.callbacks.base.sample_seed`) starts from latents drawn on the CPU by
 its own generator, seeded from ``(s, j)``: a sample's views do not depend on the batch it is in
 or on the device, up to floating-point rounding (batched convolutions may round differently; one
-uint8 level was seen on the CPU), and the cache fixes them at their first generation. With ``cache_dir`` set, each image's views are stored in one safetensors file
+uint8 level was seen on the CPU), and the cache fixes them at their first generation. With
+``cache_dir`` set, each image's views are stored in one safetensors file
 named by a SHA-256 over the image's bytes (the raw float32 tensor given to :meth:`views`), the
 sample seed, the model identity and every generation setting, written atomically (temporary file
 then rename). The stored tensor is uint8, and a fresh generation returns exactly the tensor it
@@ -62,30 +63,59 @@ def tiny_image_variation_pipeline(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=4)
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=4,
+        )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=16, projection_dim=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-            image_size=32, patch_size=8))
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=16,
+                projection_dim=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                image_size=32,
+                patch_size=8,
+            )
+        )
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return StableDiffusionImageVariationPipeline(
-        vae=vae, image_encoder=encoder, unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True),
-        safety_checker=None, feature_extractor=processor, requires_safety_checker=False)
+        vae=vae,
+        image_encoder=encoder,
+        unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True),
+        safety_checker=None,
+        feature_extractor=processor,
+        requires_safety_checker=False,
+    )
 
 
 def _is_path(pretrained: str) -> bool:
     """A local folder rather than a hub id ("owner/name"): it exists, or it is written as a path."""
-    return Path(pretrained).expanduser().exists() or pretrained.startswith(("/", ".", "~")) \
-        or pretrained.count("/") > 1
+    return Path(pretrained).expanduser().exists() or pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
 
 
 def _folder_fingerprint(folder: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*") if p.is_file())
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    )
 
 
 class DiffusionViewGenerator:
@@ -110,11 +140,22 @@ class DiffusionViewGenerator:
         tiny_seed: weight seed of the tiny random pipeline.
     """
 
-    def __init__(self, pretrained: str = DIFFTPT_WEIGHTS[0], revision: str | None = DIFFTPT_WEIGHTS[1],
-                 n_views: int = 63, guidance_scale: float = 3.0, num_inference_steps: int = 50,
-                 scheduler: str | None = None, height: int | None = None, width: int | None = None,
-                 output_size: int | None = 224, batch_size: int = 32, dtype: str = "auto",
-                 cache_dir: str | None = "~/.cache/tta/difftpt_views", tiny_seed: int = 0) -> None:
+    def __init__(
+        self,
+        pretrained: str = DIFFTPT_WEIGHTS[0],
+        revision: str | None = DIFFTPT_WEIGHTS[1],
+        n_views: int = 63,
+        guidance_scale: float = 3.0,
+        num_inference_steps: int = 50,
+        scheduler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_size: int | None = 224,
+        batch_size: int = 32,
+        dtype: str = "auto",
+        cache_dir: str | None = "~/.cache/tta/difftpt_views",
+        tiny_seed: int = 0,
+    ) -> None:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1 (variations per image), got {n_views}")
         if num_inference_steps < 1:
@@ -131,8 +172,10 @@ class DiffusionViewGenerator:
             import diffusers
 
             if not scheduler.endswith("Scheduler") or not hasattr(diffusers, scheduler):
-                raise ValueError(f"scheduler must name a diffusers scheduler class such as 'DDIMScheduler' "
-                                 f"or 'PNDMScheduler' (or be None), got {scheduler!r}")
+                raise ValueError(
+                    f"scheduler must name a diffusers scheduler class such as 'DDIMScheduler' "
+                    f"or 'PNDMScheduler' (or be None), got {scheduler!r}"
+                )
         self.pretrained, self.revision = str(pretrained), revision
         self.local_folder: Path | None = None
         if self.pretrained != TINY_PIPELINE and _is_path(self.pretrained):
@@ -141,9 +184,14 @@ class DiffusionViewGenerator:
                 raise FileNotFoundError(
                     f"pretrained={self.pretrained!r} is not a saved diffusers pipeline (no model_index.json in "
                     f"{folder}): give the folder written by StableDiffusionImageVariationPipeline.save_pretrained, "
-                    f"a hub id such as {DIFFTPT_WEIGHTS[0]!r}, or {TINY_PIPELINE!r} for the offline plumbing check")
+                    f"a hub id such as {DIFFTPT_WEIGHTS[0]!r}, or {TINY_PIPELINE!r} for the offline plumbing check"
+                )
             self.local_folder = folder
-        self.n_views, self.guidance_scale, self.num_inference_steps = n_views, float(guidance_scale), num_inference_steps
+        self.n_views, self.guidance_scale, self.num_inference_steps = (
+            n_views,
+            float(guidance_scale),
+            num_inference_steps,
+        )
         self.scheduler, self.height, self.width, self.output_size = scheduler, height, width, output_size
         self.batch_size, self.dtype, self.tiny_seed = batch_size, dtype, tiny_seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
@@ -180,11 +228,14 @@ class DiffusionViewGenerator:
             revision = None if self.local_folder is not None else self.revision
             try:
                 pipeline = StableDiffusionImageVariationPipeline.from_pretrained(
-                    source, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+                    source, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
+                )
             except OSError as error:
-                raise OSError(f"could not load the image-variation pipeline {source!r} (revision {revision}): "
-                              f"{error}. Without internet, download it once elsewhere, save it with "
-                              "save_pretrained and give that folder as pretrained=") from error
+                raise OSError(
+                    f"could not load the image-variation pipeline {source!r} (revision {revision}): "
+                    f"{error}. Without internet, download it once elsewhere, save it with "
+                    "save_pretrained and give that folder as pretrained="
+                ) from error
         if self.scheduler is not None:
             import diffusers
 
@@ -200,9 +251,11 @@ class DiffusionViewGenerator:
             with tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=".probe-"):
                 pass
         except OSError as error:
-            raise PermissionError(f"the diffusion view cache_dir {str(self.cache_dir)!r} is not a writable folder "
-                                  f"({error}): give a writable cache_dir, or cache_dir=null to generate "
-                                  "without a cache") from error
+            raise PermissionError(
+                f"the diffusion view cache_dir {str(self.cache_dir)!r} is not a writable folder "
+                f"({error}): give a writable cache_dir, or cache_dir=null to generate "
+                "without a cache"
+            ) from error
 
     # --- cache ------------------------------------------------------------------------------
 
@@ -216,10 +269,18 @@ class DiffusionViewGenerator:
     def settings(self, device: torch.device | str = "cpu") -> dict[str, Any]:
         """Every setting a view depends on, besides the image and the seed, for generation on ``device``
         (the device type only picks the dtype of ``dtype="auto"``)."""
-        return {"format": CACHE_FORMAT, **self.model_identity(), "n_views": self.n_views,
-                "guidance_scale": self.guidance_scale, "num_inference_steps": self.num_inference_steps,
-                "scheduler": self.scheduler, "height": self.height, "width": self.width,
-                "output_size": self.output_size, "dtype": str(self.torch_dtype(torch.device(device)))}
+        return {
+            "format": CACHE_FORMAT,
+            **self.model_identity(),
+            "n_views": self.n_views,
+            "guidance_scale": self.guidance_scale,
+            "num_inference_steps": self.num_inference_steps,
+            "scheduler": self.scheduler,
+            "height": self.height,
+            "width": self.width,
+            "output_size": self.output_size,
+            "dtype": str(self.torch_dtype(torch.device(device))),
+        }
 
     def cache_key(self, image: torch.Tensor, seed: int, settings: str) -> str:
         digest = hashlib.sha256(settings.encode())
@@ -263,8 +324,10 @@ class DiffusionViewGenerator:
         if self.pipeline is None:
             self.load(device)
         settings = json.dumps(self.settings(device), sort_keys=True)
-        paths = [self.cache_path(self.cache_key(im, s, settings)) if self.cache_dir is not None else None
-                 for im, s in zip(images, seeds)]
+        paths = [
+            self.cache_path(self.cache_key(im, s, settings)) if self.cache_dir is not None else None
+            for im, s in zip(images, seeds)
+        ]
         out: list[torch.Tensor | None] = [self._read(p) if p is not None else None for p in paths]
         self.n_cached += sum(v is not None for v in out)
         missing = [b for b, v in enumerate(out) if v is None]
@@ -284,11 +347,17 @@ class DiffusionViewGenerator:
         pairs = [(b, j) for b in range(len(images)) for j in range(self.n_views)]
         chunks = []
         for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
+            chunk = pairs[start : start + self.batch_size]
             generators = [torch.Generator("cpu").manual_seed(view_seed(seeds[b], j)) for b, j in chunk]
-            result = pipeline(condition[[b for b, _ in chunk]], height=self.height, width=self.width,
-                              num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                              generator=generators, output_type="pt").images
+            result = pipeline(
+                condition[[b for b, _ in chunk]],
+                height=self.height,
+                width=self.width,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                generator=generators,
+                output_type="pt",
+            ).images
             chunks.append(self._to_uint8(result))
             self.n_generated += len(chunk)
         return torch.cat(chunks).view(len(images), self.n_views, *chunks[0].shape[1:])
@@ -307,12 +376,14 @@ class DiffusionViewGenerator:
     def _to_uint8(self, images: torch.Tensor) -> torch.Tensor:
         images = images.float()
         if self.output_size is not None and tuple(images.shape[-2:]) != (self.output_size,) * 2:
-            images = F.interpolate(images, size=(self.output_size,) * 2, mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.output_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+            )
         return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
-    def fill_cache(self, batches: Iterable[dict[str, Any]], sample_seed: Callable[[int], int],
-                   device: torch.device | str = "cpu") -> int:
+    def fill_cache(
+        self, batches: Iterable[dict[str, Any]], sample_seed: Callable[[int], int], device: torch.device | str = "cpu"
+    ) -> int:
         """Pre-pass: generate (or find cached) the views of every image of ``batches`` (dicts with
         ``image`` and ``index``, e.g. a datamodule's ``predict_dataloader()``); ``sample_seed`` maps a
         sample index to its seed. Returns the number of images. Needs ``cache_dir``."""

@@ -24,9 +24,15 @@ import torchvision.transforms.v2.functional as TF
 VIEW_KINDS = ("crop_flip", "augmix")
 
 
-def _crop_flip_theta(g: torch.Generator, n: int, height: int, width: int,
-                     scale: tuple[float, float] = (0.08, 1.0),
-                     ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+def _crop_flip_theta(
+    g: torch.Generator,
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
     """``n x 2 x 3`` affine matrices of RandomResizedCrop + horizontal flip (torchvision's
     sampling: up to ``attempts`` tries per view, then the whole image)."""
     area = height * width
@@ -58,8 +64,17 @@ def _warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 # --- AugMix at severity 1 (TPT's operation list) --------------------------------------------
 
-AUGMIX_OPS = ("autocontrast", "equalize", "rotate", "solarize", "shear_x", "shear_y",
-              "translate_x", "translate_y", "posterize")
+AUGMIX_OPS = (
+    "autocontrast",
+    "equalize",
+    "rotate",
+    "solarize",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "posterize",
+)
 AUGMIX_CHAINS = 3
 AUGMIX_MAX_DEPTH = 3
 
@@ -130,8 +145,9 @@ def _augmix(views: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
             for k, op in enumerate(AUGMIX_OPS):
                 idx = (active & (plan["op"][:, chain, step] == k)).nonzero().squeeze(1)
                 if idx.numel():
-                    x[idx.to(x.device)] = _apply_op(op, x[idx.to(x.device)], plan["level"][idx, chain, step],
-                                                    plan["sign"][idx, chain, step]).clamp(0, 1)
+                    x[idx.to(x.device)] = _apply_op(
+                        op, x[idx.to(x.device)], plan["level"][idx, chain, step], plan["sign"][idx, chain, step]
+                    ).clamp(0, 1)
         mixed += weights[:, chain].to(views.device).view(-1, 1, 1, 1) * x
     m = mix.to(views.device).view(-1, 1, 1, 1)
     return m * views + (1 - m) * mixed

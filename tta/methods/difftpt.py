@@ -30,8 +30,13 @@ from tta.models.prompt import PromptLearner
 COSINE_READINGS = ("logits", "features")
 
 
-def cosine_filter(view_features: torch.Tensor, n_conventional: int, fraction: float = 0.8,
-                  reading: str = "logits", logits: torch.Tensor | None = None) -> torch.Tensor:
+def cosine_filter(
+    view_features: torch.Tensor,
+    n_conventional: int,
+    fraction: float = 0.8,
+    reading: str = "logits",
+    logits: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Indices (``B x k``) of the views kept by DiffTPT's cosine filter: the original (index 0,
     always first) and the candidates most similar to it, in decreasing similarity.
 
@@ -59,23 +64,42 @@ def cosine_filter(view_features: torch.Tensor, n_conventional: int, fraction: fl
     for start, stop in groups:
         if stop > start:
             k = n_confident(stop - start, fraction)
-            kept.append(similarity[:, start - 1:stop - 1].topk(k, dim=1, sorted=True).indices + start)
+            kept.append(similarity[:, start - 1 : stop - 1].topk(k, dim=1, sorted=True).indices + start)
     return torch.cat(kept, dim=1)
 
 
-def difftpt_adapt(prompt: PromptLearner, view_features: torch.Tensor, logit_fn: LogitFn, n_conventional: int,
-                  lr: float = 5e-3, steps: int = 4, cosine_fraction: float = 0.8, selection: float = 0.3,
-                  reading: str = "logits", weight_decay: float = 0.01,
-                  autocast: AbstractContextManager | None = None, scaler: torch.amp.GradScaler | None = None,
-                  checkpoint: bool = False) -> Adapted:
+def difftpt_adapt(
+    prompt: PromptLearner,
+    view_features: torch.Tensor,
+    logit_fn: LogitFn,
+    n_conventional: int,
+    lr: float = 5e-3,
+    steps: int = 4,
+    cosine_fraction: float = 0.8,
+    selection: float = 0.3,
+    reading: str = "logits",
+    weight_decay: float = 0.01,
+    autocast: AbstractContextManager | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    checkpoint: bool = False,
+) -> Adapted:
     """DiffTPT on ``B x V x D`` normalised features (view 0 the original, then ``n_conventional``
     conventional views, then the diffusion views). ``selected`` holds indices into the V views."""
     logits = None
     if reading == "logits":
-        with torch.no_grad(), (autocast or nullcontext()):
+        with torch.no_grad(), autocast or nullcontext():
             logits = logit_fn(view_features, prompt.text_features(prompt.initial_context))
     kept = cosine_filter(view_features, n_conventional, cosine_fraction, reading, logits)
-    adapted = tpt_adapt(prompt, gather_views(view_features, kept), logit_fn, lr=lr, steps=steps,
-                        selection=selection, weight_decay=weight_decay, autocast=autocast, scaler=scaler,
-                        checkpoint=checkpoint)
+    adapted = tpt_adapt(
+        prompt,
+        gather_views(view_features, kept),
+        logit_fn,
+        lr=lr,
+        steps=steps,
+        selection=selection,
+        weight_decay=weight_decay,
+        autocast=autocast,
+        scaler=scaler,
+        checkpoint=checkpoint,
+    )
     return adapted._replace(selected=kept.gather(1, adapted.selected))

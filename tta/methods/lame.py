@@ -92,16 +92,23 @@ def check_lame_args(affinity: str, k: int, max_iter: int, tol: float) -> None:
     if affinity not in AFFINITIES:
         raise ValueError(f"affinity must be one of {sorted(AFFINITIES)}, got {affinity!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1 (neighbours for knn, the k-th nearest point for the "
-                         f"rbf bandwidth; ignored by linear), got {k!r}")
+        raise ValueError(
+            f"k must be an integer >= 1 (neighbours for knn, the k-th nearest point for the "
+            f"rbf bandwidth; ignored by linear), got {k!r}"
+        )
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1 (the paper uses 100), got {max_iter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0 (0: always run max_iter iterations; the paper uses 1e-8), got {tol!r}")
 
 
-def fixed_point(log_probs: torch.Tensor, affinity: torch.Tensor, max_iter: int = 100, tol: float = 1e-8,
-                check_every: int = CHECK_EVERY) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_point(
+    log_probs: torch.Tensor,
+    affinity: torch.Tensor,
+    max_iter: int = 100,
+    tol: float = 1e-8,
+    check_every: int = CHECK_EVERY,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise the LAME objective by the parallel fixed point; returns ``(z, iterations)``.
 
     ``log_probs`` (N x C) are the finite logs of the model's probabilities, ``affinity`` is W.
@@ -146,8 +153,14 @@ def fixed_point(log_probs: torch.Tensor, affinity: torch.Tensor, max_iter: int =
     return z, iterations
 
 
-def laplacian_adjust(probs: torch.Tensor, features: torch.Tensor, affinity: str = "rbf", k: int = 5,
-                     max_iter: int = 100, tol: float = 1e-8) -> torch.Tensor:
+def laplacian_adjust(
+    probs: torch.Tensor,
+    features: torch.Tensor,
+    affinity: str = "rbf",
+    k: int = 5,
+    max_iter: int = 100,
+    tol: float = 1e-8,
+) -> torch.Tensor:
     """LAME's adjusted probabilities (N x C) of one batch.
 
     Args:
@@ -163,8 +176,9 @@ def laplacian_adjust(probs: torch.Tensor, features: torch.Tensor, affinity: str 
     """
     check_lame_args(affinity, k, max_iter, tol)
     if probs.ndim != 2 or features.ndim != 2 or probs.shape[0] != features.shape[0]:
-        raise ValueError(f"need probs N x C and features N x D with the same N, got {tuple(probs.shape)} "
-                         f"and {tuple(features.shape)}")
+        raise ValueError(
+            f"need probs N x C and features N x D with the same N, got {tuple(probs.shape)} and {tuple(features.shape)}"
+        )
     probs = probs / probs.sum(-1, keepdim=True)
     if affinity == "knn" and probs.shape[0] == 1:
         return probs

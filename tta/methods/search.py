@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,12 +45,16 @@ MOVES: tuple[Cell, ...] = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1),
 def check_grid(image: torch.Tensor, grid: Sequence[int]) -> tuple[int, int]:
     """``(rows, cols)``, or a clear error for an image that is not 3 x H x W or a grid that does not fit it."""
     if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise ValueError(f"the overhead image must be a float 3 x H x W tensor in [0, 1], got "
-                         f"{image.dtype} of shape {tuple(image.shape)}")
+        raise ValueError(
+            f"the overhead image must be a float 3 x H x W tensor in [0, 1], got "
+            f"{image.dtype} of shape {tuple(image.shape)}"
+        )
     rows, cols = (int(g) for g in grid)
     if rows < 1 or cols < 1 or rows > image.shape[1] or cols > image.shape[2]:
-        raise ValueError(f"grid {rows} x {cols} does not fit an image of {image.shape[1]} x {image.shape[2]} "
-                         "pixels: give at least one pixel per cell")
+        raise ValueError(
+            f"grid {rows} x {cols} does not fit an image of {image.shape[1]} x {image.shape[2]} "
+            "pixels: give at least one pixel per cell"
+        )
     return rows, cols
 
 
@@ -66,15 +70,16 @@ def cell_crops(image: torch.Tensor, grid: Sequence[int], size: Sequence[int]) ->
     crops = []
     for r in range(rows):
         for c in range(cols):
-            crop = image[:, ys[r]:ys[r + 1], xs[c]:xs[c + 1]].unsqueeze(0)
+            crop = image[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]].unsqueeze(0)
             if tuple(crop.shape[-2:]) != tuple(size):
                 crop = F.interpolate(crop, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
             crops.append(crop)
     return torch.cat(crops).clamp(0, 1)
 
 
-def cell_scores(cell_features: torch.Tensor, query_features: torch.Tensor, scale: float | torch.Tensor,
-                bias: float | torch.Tensor) -> torch.Tensor:
+def cell_scores(
+    cell_features: torch.Tensor, query_features: torch.Tensor, scale: float | torch.Tensor, bias: float | torch.Tensor
+) -> torch.Tensor:
     """``sigmoid(scale * cos + bias)`` of normalised cell features (N x D) against the query (D)."""
     return torch.sigmoid(scale * (cell_features @ query_features) + bias)
 
@@ -88,13 +93,15 @@ def encode_query(vlm: VisionLanguageModel, query: str | torch.Tensor) -> torch.T
         return vlm.encode_text(vlm.tokenize([query]))[0]
     if query.ndim != 3 or query.shape[0] != 3:
         raise ValueError(f"a query image must be 3 x h x w, got shape {tuple(query.shape)}")
-    image = F.interpolate(query[None].float().to(vlm.device), size=vlm.image_size, mode="bilinear",
-                          antialias=True, align_corners=False).clamp(0, 1)
+    image = F.interpolate(
+        query[None].float().to(vlm.device), size=vlm.image_size, mode="bilinear", antialias=True, align_corners=False
+    ).clamp(0, 1)
     return vlm.encode_image(image)[0]
 
 
-def map_calibration(vlm: VisionLanguageModel, cos: torch.Tensor, scale: float | None = None,
-                    bias: float | None = None) -> tuple[float, float]:
+def map_calibration(
+    vlm: VisionLanguageModel, cos: torch.Tensor, scale: float | None = None, bias: float | None = None
+) -> tuple[float, float]:
     """``(scale, bias)`` of the score map: given values, else the model's logit scale, and its
     logit bias if it has one, else ``-scale * mean(cos)`` of the episode's cells under the
     original tower, which centres the zero-shot map (CLIP cosines of related images are all
@@ -105,8 +112,15 @@ def map_calibration(vlm: VisionLanguageModel, cos: torch.Tensor, scale: float | 
     return scale, float(bias)
 
 
-def zero_shot_scores(vlm: VisionLanguageModel, image: torch.Tensor, grid: Sequence[int], query: str | torch.Tensor,
-                     scale: float | None = None, bias: float | None = None, cell_batch_size: int = 64) -> torch.Tensor:
+def zero_shot_scores(
+    vlm: VisionLanguageModel,
+    image: torch.Tensor,
+    grid: Sequence[int],
+    query: str | torch.Tensor,
+    scale: float | None = None,
+    bias: float | None = None,
+    cell_batch_size: int = 64,
+) -> torch.Tensor:
     """The unadapted cell scores (rows * cols) of an episode: what :class:`SearchTTASession` starts from."""
     crops = cell_crops(image.to(vlm.device), grid, vlm.image_size)
     features = vlm.encode_image(crops, batch_size=cell_batch_size)
@@ -157,8 +171,13 @@ def negative_weights(regions: torch.Tensor, visited: torch.Tensor) -> torch.Tens
     return ((seen / (3 * size.clamp(min=1))) ** 2).clamp(max=1)[regions]
 
 
-def poisson_loss(rates: torch.Tensor, counts: torch.Tensor, negative_weights: torch.Tensor,
-                 positive_weight: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
+def poisson_loss(
+    rates: torch.Tensor,
+    counts: torch.Tensor,
+    negative_weights: torch.Tensor,
+    positive_weight: float = 4.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """``sum_i [w-_i * lambda_i - w+ * k_i * log(lambda_i + eps)]`` over the given (visited) cells:
     the negative log-likelihood of the observed counts ``k_i`` under Poisson rates ``lambda_i``,
     with the absence term weighted by region uncertainty and the finds by ``w+``."""
@@ -180,8 +199,7 @@ def _chebyshev_to_all(cell: Cell, rows: int, cols: int) -> torch.Tensor:
 
 def neighbours(cell: Cell, rows: int, cols: int) -> list[Cell]:
     """The in-grid 8-neighbours of ``cell``, in :data:`MOVES` order."""
-    return [(cell[0] + dr, cell[1] + dc) for dr, dc in MOVES
-            if 0 <= cell[0] + dr < rows and 0 <= cell[1] + dc < cols]
+    return [(cell[0] + dr, cell[1] + dc) for dr, dc in MOVES if 0 <= cell[0] + dr < rows and 0 <= cell[1] + dc < cols]
 
 
 def greedy_step(position: Cell, value_map: torch.Tensor, visited: torch.Tensor, discount: float = 0.8) -> Cell:
@@ -253,9 +271,15 @@ class SearchResult:
         return self.found_steps[rank - 1] if 0 < rank <= self.found else None
 
 
-def run_search(counts: torch.Tensor, value_map: torch.Tensor, budget: int, planner: str = "greedy",
-               start: Cell = (0, 0), observe: Callable[[list[int], list[int]], torch.Tensor] | None = None,
-               discount: float = 0.8) -> SearchResult:
+def run_search(
+    counts: torch.Tensor,
+    value_map: torch.Tensor,
+    budget: int,
+    planner: str = "greedy",
+    start: Cell = (0, 0),
+    observe: Callable[[list[int], list[int]], torch.Tensor] | None = None,
+    discount: float = 0.8,
+) -> SearchResult:
     """Walk the grid for ``budget`` moves from ``start``; the sensor reads ``counts`` (rows x cols).
 
     ``observe(cells, counts)``, if given, is called after every step with the flat index of the
@@ -310,15 +334,30 @@ class SearchTTASession:
     map (rows x cols, in [0, 1]).
     """
 
-    def __init__(self, vlm: VisionLanguageModel, image: torch.Tensor, grid: Sequence[int], query: str | torch.Tensor,
-                 total_steps: int, lr_start: float = 1e-6, lr_end: float = 1e-5, update_every: int = 20,
-                 positive_weight: float = 4.0, n_regions: int = 4, scale: float | None = None,
-                 bias: float | None = None, blur: bool = True, seed: int = 0, cell_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        image: torch.Tensor,
+        grid: Sequence[int],
+        query: str | torch.Tensor,
+        total_steps: int,
+        lr_start: float = 1e-6,
+        lr_end: float = 1e-5,
+        update_every: int = 20,
+        positive_weight: float = 4.0,
+        n_regions: int = 4,
+        scale: float | None = None,
+        bias: float | None = None,
+        blur: bool = True,
+        seed: int = 0,
+        cell_batch_size: int = 64,
+    ) -> None:
         if lr_start <= 0 or lr_end <= 0:
             raise ValueError(f"lr_start and lr_end must be > 0, got {lr_start}, {lr_end}")
         if update_every < 1 or n_regions < 1 or total_steps < 1:
-            raise ValueError(f"update_every, n_regions and total_steps must be >= 1, got {update_every}, "
-                             f"{n_regions}, {total_steps}")
+            raise ValueError(
+                f"update_every, n_regions and total_steps must be >= 1, got {update_every}, {n_regions}, {total_steps}"
+            )
         self.grid = check_grid(image, grid)
         self.vlm, self.blur = vlm, blur
         self.total_steps, self.lr_start, self.lr_end = total_steps, lr_start, lr_end
@@ -342,8 +381,9 @@ class SearchTTASession:
     def encode_cells(self, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised features of the given cells (all if None) through the working tower."""
         crops = self.crops if cells is None else self.crops[cells]
-        return torch.cat([F.normalize(self.tower(self.vlm.normalize(chunk)), dim=-1)
-                          for chunk in crops.split(self.cell_batch_size)])
+        return torch.cat(
+            [F.normalize(self.tower(self.vlm.normalize(chunk)), dim=-1) for chunk in crops.split(self.cell_batch_size)]
+        )
 
     @property
     def map(self) -> torch.Tensor:
@@ -357,8 +397,10 @@ class SearchTTASession:
             raise ValueError(f"observe got {len(cells)} cells but {len(counts)} counts: give one count per cell")
         bad = [c for c in cells if not 0 <= c < n_cells]
         if bad or any(k < 0 for k in counts):
-            raise ValueError(f"cells must be flat indices row * cols + col in [0, {n_cells}) and counts >= 0; "
-                             f"got cells {bad or cells}, counts {counts}")
+            raise ValueError(
+                f"cells must be flat indices row * cols + col in [0, {n_cells}) and counts >= 0; "
+                f"got cells {bad or cells}, counts {counts}"
+            )
         new_find = any(k > 0 and c not in self.history for c, k in zip(cells, counts))
         self.history.update(zip(cells, counts))
         self.steps += len(cells)
@@ -382,8 +424,9 @@ class SearchTTASession:
         visited = torch.zeros(len(self.crops), dtype=torch.bool, device=device)
         visited[cells] = True
         weights = negative_weights(self.regions, visited)[cells]
-        optimizer = torch.optim.Adam(self.tower.parameters(),
-                                     lr=ramp_lr(self.steps, self.total_steps, self.lr_start, self.lr_end))
+        optimizer = torch.optim.Adam(
+            self.tower.parameters(), lr=ramp_lr(self.steps, self.total_steps, self.lr_start, self.lr_end)
+        )
         rates = cell_scores(self.encode_cells(cells), self.query_features, self.scale, self.bias)
         poisson_loss(rates, counts, weights, self.positive_weight).backward()
         optimizer.step()
@@ -394,8 +437,14 @@ class SearchTTASession:
         self.update_ms.append((time.perf_counter() - start) * 1000)
 
 
-def search_with_tta(session: SearchTTASession, counts: torch.Tensor, budget: int, planner: str = "greedy",
-                    start: Cell = (0, 0), discount: float = 0.8) -> SearchResult:
+def search_with_tta(
+    session: SearchTTASession,
+    counts: torch.Tensor,
+    budget: int,
+    planner: str = "greedy",
+    start: Cell = (0, 0),
+    discount: float = 0.8,
+) -> SearchResult:
     """A simulated episode driven through ``session.observe``: the planner walks the adapted map."""
     result = run_search(counts, session.map, budget, planner, start, observe=session.observe, discount=discount)
     result.n_updates, result.update_ms = len(session.update_ms), list(session.update_ms)

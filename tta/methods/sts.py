@@ -11,7 +11,6 @@ small matrix products per image.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -48,10 +47,19 @@ def steered_prototypes(class_features: torch.Tensor, basis: torch.Tensor, gamma:
     return F.normalize(class_features.unsqueeze(0) + shift.unsqueeze(1), dim=-1)
 
 
-def sts_adapt(view_features: torch.Tensor, class_features: torch.Tensor, basis: torch.Tensor,
-              logit_fn: LogitFn, lr: float = 5e-3, steps: int = 1, selection: float = 0.1,
-              lam: float = 1.0, squared_norm: bool = False, final: str = "original",
-              weight_decay: float = 0.01) -> Adapted:
+def sts_adapt(
+    view_features: torch.Tensor,
+    class_features: torch.Tensor,
+    basis: torch.Tensor,
+    logit_fn: LogitFn,
+    lr: float = 5e-3,
+    steps: int = 1,
+    selection: float = 0.1,
+    lam: float = 1.0,
+    squared_norm: bool = False,
+    final: str = "original",
+    weight_decay: float = 0.01,
+) -> Adapted:
     """Steer each image's prototypes (the adapted variables are the ``B x k`` coefficients).
 
     ``final="original"`` predicts on view 0 (the TPT/TPS rule); ``"kept_average"`` returns the
@@ -70,7 +78,9 @@ def sts_adapt(view_features: torch.Tensor, class_features: torch.Tensor, basis: 
     for _ in range(steps):
         shift = gamma @ basis
         penalty = shift.pow(2).sum(-1) if squared_norm else torch.linalg.vector_norm(shift, dim=-1)
-        loss = (marginal_entropy(logit_fn(kept, steered_prototypes(class_features, basis, gamma))) + lam * penalty).sum()
+        loss = (
+            marginal_entropy(logit_fn(kept, steered_prototypes(class_features, basis, gamma))) + lam * penalty
+        ).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -31,10 +31,18 @@ class Adapted(NamedTuple):
     variables: torch.Tensor
 
 
-def tpt_adapt(prompt: PromptLearner, view_features: torch.Tensor, logit_fn: LogitFn, lr: float = 5e-3,
-              steps: int = 1, selection: float = 0.1, weight_decay: float = 0.01,
-              autocast: AbstractContextManager | None = None,
-              scaler: torch.amp.GradScaler | None = None, checkpoint: bool = False) -> Adapted:
+def tpt_adapt(
+    prompt: PromptLearner,
+    view_features: torch.Tensor,
+    logit_fn: LogitFn,
+    lr: float = 5e-3,
+    steps: int = 1,
+    selection: float = 0.1,
+    weight_decay: float = 0.01,
+    autocast: AbstractContextManager | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    checkpoint: bool = False,
+) -> Adapted:
     """Adapt one context per image; the logits are those of the original views.
 
     ``view_features``: ``B x V x D`` L2-normalised image features, view 0 the original.

@@ -55,13 +55,17 @@ class TTMSchedule:
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.epochs < 1 or self.groups_per_batch < 1:
-            raise ValueError(f"rounds, epochs and groups_per_batch must be >= 1, got {self.rounds}, "
-                             f"{self.epochs}, {self.groups_per_batch}")
+            raise ValueError(
+                f"rounds, epochs and groups_per_batch must be >= 1, got {self.rounds}, "
+                f"{self.epochs}, {self.groups_per_batch}"
+            )
         if self.tau_max < 0:
             raise ValueError(f"tau_max is a margin in logit units and must be >= 0, got {self.tau_max}")
         if self.lr <= 0 or not 0 < self.lr_decay <= 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0, 0 < lr_decay <= 1, 0 <= min_lr_ratio <= 1; got {self.lr}, "
-                             f"{self.lr_decay}, {self.min_lr_ratio}")
+            raise ValueError(
+                f"need lr > 0, 0 < lr_decay <= 1, 0 <= min_lr_ratio <= 1; got {self.lr}, "
+                f"{self.lr_decay}, {self.min_lr_ratio}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
@@ -119,7 +123,7 @@ def hungarian_labels(scores: torch.Tensor, keep_fraction: float) -> tuple[torch.
     rows, cols = linear_sum_assignment(scores.detach().double().cpu().numpy(), maximize=True)
     rows, cols = torch.from_numpy(rows), torch.from_numpy(cols)
     matched = scores.detach().cpu()[rows, cols]
-    order = matched.argsort(descending=True)[:round(keep_fraction * len(rows))]
+    order = matched.argsort(descending=True)[: round(keep_fraction * len(rows))]
     return rows[order], cols[order]
 
 
@@ -181,8 +185,14 @@ class TestTimeMatching:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, vlm: VisionLanguageModel, schedule: TTMSchedule = TTMSchedule(), loss: str = "auto",
-                 seed: int = 0, encode_batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        schedule: TTMSchedule = TTMSchedule(),
+        loss: str = "auto",
+        seed: int = 0,
+        encode_batch_size: int = 256,
+    ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.vlm = copy.deepcopy(vlm).eval()
@@ -190,7 +200,9 @@ class TestTimeMatching:
         self.loss = ("sigmoid" if vlm.logit_bias is not None else "infonce") if loss == "auto" else loss
         self.optimizer = torch.optim.AdamW(
             [p for p in self.vlm.parameters() if p.is_floating_point()],
-            lr=schedule.lr, weight_decay=schedule.weight_decay)
+            lr=schedule.lr,
+            weight_decay=schedule.weight_decay,
+        )
         self.rounds: list[RoundLog] = []
 
     @torch.no_grad()
@@ -200,8 +212,12 @@ class TestTimeMatching:
         k = len(captions[0])
         image_features = self.vlm.encode_image(images.flatten(0, 1), batch_size=self.encode_batch_size)
         flat = [c for group in captions for c in group]
-        text_features = torch.cat([self.vlm.encode_text(self.vlm.tokenize(flat[i:i + self.encode_batch_size]))
-                                   for i in range(0, len(flat), self.encode_batch_size)])
+        text_features = torch.cat(
+            [
+                self.vlm.encode_text(self.vlm.tokenize(flat[i : i + self.encode_batch_size]))
+                for i in range(0, len(flat), self.encode_batch_size)
+            ]
+        )
         return self.vlm.logits(image_features.view(n, m, -1), text_features.view(n, k, -1)).float()
 
     def fit_groups(self, images: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[RoundLog]:
@@ -215,15 +231,20 @@ class TestTimeMatching:
                 keep, choice = select_choice_labels(scores[:, 0], tau)
                 units = keep.nonzero().flatten().tolist()
                 return _Selection(
-                    [images[i] for i in units], [[captions[i][int(choice[i])]] for i in units],
+                    [images[i] for i in units],
+                    [[captions[i][int(choice[i])]] for i in units],
                     [[c for j, c in enumerate(captions[i]) if j != int(choice[i])] for i in units],
-                    int((choice[keep] == 0).sum()))
+                    int((choice[keep] == 0).sum()),
+                )
             keep, permutation = select_group_labels(scores, tau)
             units = keep.nonzero().flatten().tolist()
             identity = torch.arange(images.shape[1])
             return _Selection(
-                [images[i] for i in units], [[captions[i][j] for j in permutation[i].tolist()] for i in units],
-                [[] for _ in units], int((permutation[keep] == identity).all(1).sum()))
+                [images[i] for i in units],
+                [[captions[i][j] for j in permutation[i].tolist()] for i in units],
+                [[] for _ in units],
+                int((permutation[keep] == identity).all(1).sum()),
+            )
 
         return self._run(select)
 
@@ -231,8 +252,10 @@ class TestTimeMatching:
         """Run every round on data without groups: ``M x 3 x H x W`` images and ``C`` captions,
         matched by the Hungarian algorithm (ground-truth convention: image ``i``, caption ``i``)."""
         if images.ndim != 4 or len(images) == 0 or len(captions) == 0:
-            raise ValueError(f"fit_set needs M x 3 x H x W images and a non-empty caption list, got "
-                             f"{tuple(images.shape)} and {len(captions)} captions")
+            raise ValueError(
+                f"fit_set needs M x 3 x H x W images and a non-empty caption list, got "
+                f"{tuple(images.shape)} and {len(captions)} captions"
+            )
         captions = [str(c) for c in captions]
 
         def select(tau: float) -> _Selection:
@@ -240,8 +263,12 @@ class TestTimeMatching:
             fraction = 1.0 if self.schedule.tau_max == 0 else 1 - tau / self.schedule.tau_max
             rows, cols = hungarian_labels(scores, fraction)
             pairs = list(zip(rows.tolist(), cols.tolist()))
-            return _Selection([images[r:r + 1] for r, _ in pairs], [[captions[c]] for _, c in pairs],
-                              [[] for _ in pairs], int((rows == cols).sum()))
+            return _Selection(
+                [images[r : r + 1] for r, _ in pairs],
+                [[captions[c]] for _, c in pairs],
+                [[] for _ in pairs],
+                int((rows == cols).sum()),
+            )
 
         return self._run(select)
 
@@ -259,20 +286,34 @@ class TestTimeMatching:
             for epoch in range(self.schedule.epochs if n else 0):
                 order = torch.randperm(n, generator=generator).tolist()
                 for b in range(batches_per_epoch):
-                    units = order[b * per_batch:(b + 1) * per_batch]
+                    units = order[b * per_batch : (b + 1) * per_batch]
                     lr = self.schedule.step_lr(t, epoch * batches_per_epoch + b, steps)
-                    losses.append(self._step([selection.images[u] for u in units],
-                                             [selection.captions[u] for u in units],
-                                             [selection.negatives[u] for u in units], lr))
-            self.rounds.append(RoundLog(
-                round=t, tau=tau, peak_lr=self.schedule.peak_lr(t), selected=n,
-                precision=selection.correct / n if n else None, steps=steps if n else 0,
-                loss=sum(losses) / len(losses) if losses else None, seconds=time.perf_counter() - start))
+                    losses.append(
+                        self._step(
+                            [selection.images[u] for u in units],
+                            [selection.captions[u] for u in units],
+                            [selection.negatives[u] for u in units],
+                            lr,
+                        )
+                    )
+            self.rounds.append(
+                RoundLog(
+                    round=t,
+                    tau=tau,
+                    peak_lr=self.schedule.peak_lr(t),
+                    selected=n,
+                    precision=selection.correct / n if n else None,
+                    steps=steps if n else 0,
+                    loss=sum(losses) / len(losses) if losses else None,
+                    seconds=time.perf_counter() - start,
+                )
+            )
         self.vlm.requires_grad_(False)
         return self.rounds
 
-    def _step(self, images: list[torch.Tensor], captions: list[list[str]], negatives: list[list[str]],
-              lr: float) -> float:
+    def _step(
+        self, images: list[torch.Tensor], captions: list[list[str]], negatives: list[list[str]], lr: float
+    ) -> float:
         chosen = [c for unit in captions for c in unit]
         texts = list(dict.fromkeys(chosen + [c for unit in negatives for c in unit]))
         column = {c: j for j, c in enumerate(texts)}
@@ -299,9 +340,11 @@ class TestTimeMatching:
             raise ValueError(f"need one caption list per group: {len(images)} groups, {len(captions)} caption lists")
         sizes = {len(c) for c in captions}
         if len(sizes) != 1 or (images.shape[1] != 1 and sizes != {images.shape[1]}):
-            raise ValueError(f"every group needs the same number of captions, equal to its images (k x k) or "
-                             f"one image with k captions (1 x k); got {images.shape[1]} images and caption "
-                             f"counts {sorted(sizes)}")
+            raise ValueError(
+                f"every group needs the same number of captions, equal to its images (k x k) or "
+                f"one image with k captions (1 x k); got {images.shape[1]} images and caption "
+                f"counts {sorted(sizes)}"
+            )
         if sizes == {1}:
             raise ValueError("groups need k >= 2 captions: with one caption there is nothing to match")
         return images

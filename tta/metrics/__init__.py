@@ -16,6 +16,19 @@ from tta.metrics.groups import (
     text_score,
 )
 
-__all__ = ["GroupMatch", "GroupScore", "ImageScore", "MultipleChoiceAccuracy", "TextScore", "best_matching",
-           "classification_metrics", "group_match", "group_match_margin", "group_score", "image_score",
-           "multiple_choice_accuracy", "summarize", "text_score"]
+__all__ = [
+    "GroupMatch",
+    "GroupScore",
+    "ImageScore",
+    "MultipleChoiceAccuracy",
+    "TextScore",
+    "best_matching",
+    "classification_metrics",
+    "group_match",
+    "group_match_margin",
+    "group_score",
+    "image_score",
+    "multiple_choice_accuracy",
+    "summarize",
+    "text_score",
+]

@@ -26,8 +26,7 @@ def classification_metrics(pred: torch.Tensor, label: torch.Tensor, confidence: 
     return {"n": n, "accuracy": correct.double().mean().item(), "ece": ece.item()}
 
 
-def summarize(pred: Sequence[int], label: Sequence[int], confidence: Sequence[float],
-              domain: Sequence[str]) -> dict:
+def summarize(pred: Sequence[int], label: Sequence[int], confidence: Sequence[float], domain: Sequence[str]) -> dict:
     """Overall metrics plus ``domains``: each domain's ``n``, ``accuracy``, ``ece``, in first-seen order."""
     pred_t, label_t = torch.tensor(list(pred)), torch.tensor(list(label))
     confidence_t = torch.tensor(list(confidence), dtype=torch.float64)

@@ -30,8 +30,10 @@ def check_score_matrices(scores: torch.Tensor) -> torch.Tensor:
     if scores.ndim == 2:
         scores = scores.unsqueeze(0)
     if scores.ndim != 3 or scores.shape[-1] != scores.shape[-2] or scores.shape[-1] < 2:
-        raise ValueError(f"group scores must be k x k or N x k x k with k >= 2 (rows images, columns "
-                         f"captions), got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"group scores must be k x k or N x k x k with k >= 2 (rows images, columns "
+            f"captions), got shape {tuple(scores.shape)}"
+        )
     return scores
 
 
@@ -86,8 +88,9 @@ def best_matching(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             r, c = linear_sum_assignment(forbidden, maximize=True)
             runner_up = max(runner_up, forbidden[r, c].sum())
         gaps[n] = best - runner_up
-    return torch.from_numpy(permutations), torch.from_numpy(gaps).to(scores.dtype if scores.is_floating_point()
-                                                                    else torch.float64)
+    return torch.from_numpy(permutations), torch.from_numpy(gaps).to(
+        scores.dtype if scores.is_floating_point() else torch.float64
+    )
 
 
 def group_match_margin(scores: torch.Tensor) -> torch.Tensor:
@@ -117,8 +120,9 @@ def check_choice_scores(scores: torch.Tensor, target: torch.Tensor | None) -> tu
     if target is None:
         target = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
     if target.shape != scores.shape[:1] or ((target < 0) | (target >= scores.shape[1])).any():
-        raise ValueError(f"target must hold one option index in 0..{scores.shape[1] - 1} per row of scores, "
-                         f"got {target.tolist()}")
+        raise ValueError(
+            f"target must hold one option index in 0..{scores.shape[1] - 1} per row of scores, got {target.tolist()}"
+        )
     return scores, target
 
 

@@ -1,13 +1,10 @@
-"""Vision-language model wrapper, prompt learner, model factory, and the LightningModules: zero-shot, timm, group scoring, search episodes."""
+"""The model: the vision-language wrapper over open_clip towers, its text tower for prompt
+learning, the prompt learner and the model factory. The LightningModules built on it live in
+``tta.tasks``."""
 
 from tta.models.factory import SHIPPED_MODELS, create_vlm
-from tta.models.group_scorer import GroupScorer
 from tta.models.prompt import PromptLearner
-from tta.models.search_runner import SearchEpisodeRunner
 from tta.models.text_tower import TextTower
-from tta.models.timm_classifier import TimmClassifier
 from tta.models.vlm import VisionLanguageModel
-from tta.models.zero_shot import ZeroShotClassifier
 
-__all__ = ["SHIPPED_MODELS", "GroupScorer", "PromptLearner", "SearchEpisodeRunner", "TextTower", "TimmClassifier", "VisionLanguageModel",
-           "ZeroShotClassifier", "create_vlm"]
+__all__ = ["SHIPPED_MODELS", "PromptLearner", "TextTower", "VisionLanguageModel", "create_vlm"]

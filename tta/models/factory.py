@@ -33,20 +33,23 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
     if name in SHIPPED_MODELS:
         return LOCAL_DIR + str(SHIPPED_MODELS[name]), None
     if name.startswith(LOCAL_DIR):
-        folder = Path(name[len(LOCAL_DIR):]).expanduser()
+        folder = Path(name[len(LOCAL_DIR) :]).expanduser()
         weights = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pth")]
         if not (folder / "open_clip_config.json").is_file() or not weights:
             raise FileNotFoundError(
                 f"model folder {folder} needs open_clip_config.json and its weights "
                 "(open_clip_model.safetensors) side by side: found "
-                f"{sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no such folder'}")
+                f"{sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no such folder'}"
+            )
         return LOCAL_DIR + str(folder), None
     available = open_clip.list_models()
     if name.replace("/", "-") not in available:
         close = difflib.get_close_matches(name, available + list(SHIPPED_MODELS), n=5)
-        raise ValueError(f"unknown model name {name!r}; close matches: {close}. Use an open_clip name "
-                         f"(open_clip.list_models()), a shipped model {list(SHIPPED_MODELS)}, "
-                         "or 'local-dir:/path/to/folder'")
+        raise ValueError(
+            f"unknown model name {name!r}; close matches: {close}. Use an open_clip name "
+            f"(open_clip.list_models()), a shipped model {list(SHIPPED_MODELS)}, "
+            "or 'local-dir:/path/to/folder'"
+        )
     if pretrained is None:
         return name, None
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -55,12 +58,14 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
     if not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(
             f"pretrained={pretrained!r} for {name} is neither an open_clip tag ({tags}) nor an existing "
-            "checkpoint file: fix the path, or pass one of the tags")
+            "checkpoint file: fix the path, or pass one of the tags"
+        )
     return name, str(Path(pretrained).expanduser())
 
 
-def create_vlm(name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-               precision: str = "fp32") -> VisionLanguageModel:
+def create_vlm(
+    name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> VisionLanguageModel:
     """Build a :class:`VisionLanguageModel` from a model name plus weights.
 
     ``name``: an open_clip architecture ("ViT-B-16", "RN50", "ViT-B-16-SigLIP", the tiny test
@@ -76,7 +81,8 @@ def create_vlm(name: str, pretrained: str | None = None, device: str | torch.dev
         if weights is not None and not Path(weights).is_file():
             raise RuntimeError(
                 f"could not fetch the {weights!r} weights of {name} ({error}); on a machine without "
-                "network, download the checkpoint elsewhere and pass pretrained=/path/to/file") from error
+                "network, download the checkpoint elsewhere and pass pretrained=/path/to/file"
+            ) from error
         raise
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)

@@ -19,7 +19,7 @@ from tta.models.vlm import VisionLanguageModel, check_class_names
 
 def _find_span(sequence: list[int], span: list[int]) -> int:
     for start in range(len(sequence) - len(span) + 1):
-        if sequence[start:start + len(span)] == span:
+        if sequence[start : start + len(span)] == span:
             return start
     return -1
 
@@ -33,8 +33,13 @@ class PromptLearner:
     context tensor and its optimizer, which is what makes episodic reset trivial.
     """
 
-    def __init__(self, vlm: VisionLanguageModel, class_names: Sequence[str],
-                 ctx_init: str = "a photo of a", truncate: bool = True) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        class_names: Sequence[str],
+        ctx_init: str = "a photo of a",
+        truncate: bool = True,
+    ) -> None:
         self.vlm = vlm
         self.class_names = check_class_names(class_names)
         tower = vlm.text_tower
@@ -42,8 +47,10 @@ class PromptLearner:
         ctx_ids = self._context_ids(vlm, ctx_init)
         starts = {_find_span(row, ctx_ids) for row in tokens.tolist()}
         if len(starts) != 1 or -1 in starts:
-            raise ValueError(f"could not place the context {ctx_init!r} at the same position in every "
-                             "class prompt; use a context text that tokenizes independently of the class names")
+            raise ValueError(
+                f"could not place the context {ctx_init!r} at the same position in every "
+                "class prompt; use a context text that tokenizes independently of the class names"
+            )
         self.ctx_start = starts.pop()
         self.n_ctx = len(ctx_ids)
         self.pool_positions = tower.pool_positions(tokens)
@@ -53,8 +60,8 @@ class PromptLearner:
         with torch.no_grad():
             embeddings = tower.token_embedding(tokens[:, :length]).float()
         self.prefix = embeddings[:, : self.ctx_start]  # C x s x W (start token, if any)
-        self.suffix = embeddings[:, self.ctx_start + self.n_ctx:]  # C x rest x W (class name, eot, pad)
-        self.initial_context = embeddings[0, self.ctx_start:self.ctx_start + self.n_ctx].clone()
+        self.suffix = embeddings[:, self.ctx_start + self.n_ctx :]  # C x rest x W (class name, eot, pad)
+        self.initial_context = embeddings[0, self.ctx_start : self.ctx_start + self.n_ctx].clone()
         self.seq_len = length
 
     @staticmethod
@@ -75,11 +82,14 @@ class PromptLearner:
         ctx = context if batched else context.unsqueeze(0)
         b, c = ctx.shape[0], self.prefix.shape[0]
         dtype = ctx.dtype
-        embeddings = torch.cat([
-            self.prefix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
-            ctx.unsqueeze(1).expand(-1, c, -1, -1),
-            self.suffix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
-        ], dim=2).flatten(0, 1)  # (B*C) x L x W
+        embeddings = torch.cat(
+            [
+                self.prefix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
+                ctx.unsqueeze(1).expand(-1, c, -1, -1),
+                self.suffix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
+            ],
+            dim=2,
+        ).flatten(0, 1)  # (B*C) x L x W
         features = self.vlm.text_tower(embeddings, self.pool_positions.repeat(b), checkpoint=checkpoint)
         features = F.normalize(features.float(), dim=-1).view(b, c, -1)
         return features if batched else features[0]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import TextTransformer
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 
 class TextTower:
@@ -31,7 +31,8 @@ class TextTower:
             if model.text.cls_emb is not None or model.text.use_pad_mask:
                 raise ValueError(
                     "prompt learning needs a text tower without an appended class token or padding "
-                    "mask (CoCa-style towers are not supported); pick a CLIP or SigLIP model")
+                    "mask (CoCa-style towers are not supported); pick a CLIP or SigLIP model"
+                )
             self._source = model.text
             self.pool_type = model.text.pool_type
             self.eos_id = model.text.eos_id
@@ -40,7 +41,8 @@ class TextTower:
             raise ValueError(
                 f"text tower {type(text or model).__name__} is not an open_clip TextTransformer "
                 "(Hugging Face text towers are not supported for prompt learning); pick a model "
-                "whose config has no 'hf_model_name' in text_cfg")
+                "whose config has no 'hf_model_name' in text_cfg"
+            )
         self.token_embedding: nn.Embedding = self._source.token_embedding
         self.causal = self._source.attn_mask is not None
 
@@ -68,8 +70,9 @@ class TextTower:
             return tokens.shape[1]
         return int(self.pool_positions(tokens).max()) + 1
 
-    def __call__(self, embeddings: torch.Tensor, pool_positions: torch.Tensor,
-                 checkpoint: bool = False) -> torch.Tensor:
+    def __call__(
+        self, embeddings: torch.Tensor, pool_positions: torch.Tensor, checkpoint: bool = False
+    ) -> torch.Tensor:
         """Features (N x D, unnormalised) from token embeddings (N x L x W).
 
         ``L`` may be shorter than the context length (see :meth:`useful_length`).

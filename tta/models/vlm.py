@@ -23,31 +23,40 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
         raise ValueError(f"class_names has empty names at positions {blank}: every class needs a name")
     duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
     if duplicates:
-        raise ValueError(f"class_names has duplicates {duplicates}: each class name must be unique, "
-                         "or two classes get the same text features")
+        raise ValueError(
+            f"class_names has duplicates {duplicates}: each class name must be unique, "
+            "or two classes get the same text features"
+        )
     return names
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
     templates = [str(t) for t in templates]
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"templates must be a non-empty list of strings with a '{{}}' for the class "
-                         f"name, e.g. ['a photo of a {{}}.'], got {templates!r}")
+        raise ValueError(
+            f"templates must be a non-empty list of strings with a '{{}}' for the class "
+            f"name, e.g. ['a photo of a {{}}.'], got {templates!r}"
+        )
     return templates
 
 
-def check_images(images: torch.Tensor, expected_size: tuple[int, int] | None, model_name: str,
-                 size_hint: str = "") -> None:
+def check_images(
+    images: torch.Tensor, expected_size: tuple[int, int] | None, model_name: str, size_hint: str = ""
+) -> None:
     """Clear errors for images that are not ``B x 3 x H x W`` float RGB at ``expected_size``
     (None: any size)."""
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be B x 3 x H x W (RGB), got shape {tuple(images.shape)}; "
-                         "convert grey or RGBA images to RGB in the datamodule")
+        raise ValueError(
+            f"images must be B x 3 x H x W (RGB), got shape {tuple(images.shape)}; "
+            "convert grey or RGBA images to RGB in the datamodule"
+        )
     if not images.is_floating_point():
         raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
     if expected_size is not None and tuple(images.shape[-2:]) != tuple(expected_size):
-        raise ValueError(f"images are {tuple(images.shape[-2:])} but {model_name} expects {tuple(expected_size)}: "
-                         f"set the datamodule's image_size to {expected_size[0]}{size_hint}")
+        raise ValueError(
+            f"images are {tuple(images.shape[-2:])} but {model_name} expects {tuple(expected_size)}: "
+            f"set the datamodule's image_size to {expected_size[0]}{size_hint}"
+        )
 
 
 class VisionLanguageModel(nn.Module):
@@ -118,9 +127,9 @@ class VisionLanguageModel(nn.Module):
         names, templates = tuple(check_class_names(class_names)), tuple(check_templates(templates))
         key = (names, templates, self.device)
         if key not in self._class_cache:
-            per_template = torch.stack([
-                self.encode_text(self.tokenize([t.format(n) for n in names])) for t in templates
-            ])  # T x C x D
+            per_template = torch.stack(
+                [self.encode_text(self.tokenize([t.format(n) for n in names])) for t in templates]
+            )  # T x C x D
             self._class_cache = {key: F.normalize(per_template.mean(0), dim=-1)}
         return self._class_cache[key]
 
@@ -134,19 +143,3 @@ class VisionLanguageModel(nn.Module):
         logits = self.logit_scale * logits
         bias = self.logit_bias
         return logits if bias is None else logits + bias
-
-
-class OverVLM:
-    """Mixin of the LightningModules built over a :class:`VisionLanguageModel` ``self.vlm``."""
-
-    vlm: VisionLanguageModel
-
-    @property
-    def model_name(self) -> str:
-        """The name the prediction writer records as ``model``."""
-        return self.vlm.name
-
-    @property
-    def input_size(self) -> int:
-        """The image size the model expects: the default image (or cell) size of the data."""
-        return self.vlm.image_size[0]

@@ -24,8 +24,19 @@ from tta.world.scenes import (
 from tta.world.shifts import DOMAINS, SHIFTS, Shift
 
 __all__ = [
-    "CAPTION_TEMPLATES", "CLASS_NAMES", "COLOUR_NAMES", "DOMAINS", "RELATIONS", "SHAPES", "SHIFTS",
-    "Scenes", "Shift", "Style", "render_domain", "render_pairs", "render_single",
+    "CAPTION_TEMPLATES",
+    "CLASS_NAMES",
+    "COLOUR_NAMES",
+    "DOMAINS",
+    "RELATIONS",
+    "SHAPES",
+    "SHIFTS",
+    "Scenes",
+    "Shift",
+    "Style",
+    "render_domain",
+    "render_pairs",
+    "render_single",
 ]
 
 

@@ -17,9 +17,14 @@ from tta.world import CLASS_NAMES, DOMAINS, render_domain
 
 
 @torch.no_grad()
-def accuracy_table(model: str, n: int = 1000, severities: tuple[int, ...] = (3,), seed: int = 10_000,
-                   templates: tuple[str, ...] = ("a photo of a {}.",), batch_size: int = 500,
-                   ) -> dict[str, dict[int, float]]:
+def accuracy_table(
+    model: str,
+    n: int = 1000,
+    severities: tuple[int, ...] = (3,),
+    seed: int = 10_000,
+    templates: tuple[str, ...] = ("a photo of a {}.",),
+    batch_size: int = 500,
+) -> dict[str, dict[int, float]]:
     """``{domain: {severity: top-1 accuracy}}``; "clean" has severity 0 only.
 
     The default seed differs from every training seed, so the scenes are unseen.
@@ -28,13 +33,13 @@ def accuracy_table(model: str, n: int = 1000, severities: tuple[int, ...] = (3,)
     text = vlm.class_text_features(CLASS_NAMES, templates)
     table: dict[str, dict[int, float]] = {}
     for domain in DOMAINS:
-        for severity in ((0,) if domain == "clean" else severities):
+        for severity in (0,) if domain == "clean" else severities:
             scenes = render_domain(domain, max(severity, 1), n, seed)
             correct = 0
             for start in range(0, n, batch_size):
-                images = scenes.images[start:start + batch_size]
+                images = scenes.images[start : start + batch_size]
                 pred = vlm.logits(vlm.encode_image(images), text).argmax(-1)
-                correct += (pred == scenes.labels[start:start + batch_size]).sum().item()
+                correct += (pred == scenes.labels[start : start + batch_size]).sum().item()
             table.setdefault(domain, {})[severity] = correct / n
     return table
 

@@ -53,8 +53,7 @@ def _swapped(first: torch.Tensor, second: torch.Tensor, kind: str) -> tuple[torc
     return shape_b * n_colours + colour_a, shape_a * n_colours + colour_b
 
 
-def render_groups(kind: str, n: int, seed: int, domain: str = "clean", severity: int = 3,
-                  size: int = 64) -> Groups:
+def render_groups(kind: str, n: int, seed: int, domain: str = "clean", severity: int = 3, size: int = 64) -> Groups:
     """``n`` 2 x 2 groups of swap ``kind`` seen through ``domain`` ("clean" or a shift) at ``severity``.
 
     The same ``seed`` gives the same scenes in every domain, so domains differ by the shift alone.
@@ -80,6 +79,10 @@ def render_groups(kind: str, n: int, seed: int, domain: str = "clean", severity:
     if domain != "clean":
         noise = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"groups-{domain}".encode()))
         pixels = SHIFTS[domain].apply(pixels.flatten(0, 1), severity, noise).view_as(pixels)
-    captions = [[pair_caption(a, r, b), pair_caption(c, r, d)] for a, b, c, d, r in zip(
-        first.tolist(), second.tolist(), other_first.tolist(), other_second.tolist(), relation.tolist())]
+    captions = [
+        [pair_caption(a, r, b), pair_caption(c, r, d)]
+        for a, b, c, d, r in zip(
+            first.tolist(), second.tolist(), other_first.tolist(), other_second.tolist(), relation.tolist()
+        )
+    ]
     return Groups(pixels, captions, [kind] * n)

@@ -78,8 +78,7 @@ def _star(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     arm = 0.34
-    return torch.minimum(torch.maximum(u.abs() - 0.95, v.abs() - arm),
-                         torch.maximum(u.abs() - arm, v.abs() - 0.95))
+    return torch.minimum(torch.maximum(u.abs() - 0.95, v.abs() - arm), torch.maximum(u.abs() - arm, v.abs() - 0.95))
 
 
 def _crescent(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -134,8 +133,10 @@ def _backgrounds(n: int, size: int, style: Style, g: torch.Generator) -> torch.T
     tint = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.08
     ramp = torch.linspace(-1, 1, size)
     direction = torch.rand(n, generator=g) * 2 * math.pi
-    gradient = (torch.cos(direction).view(-1, 1, 1) * ramp.view(1, 1, -1)
-                + torch.sin(direction).view(-1, 1, 1) * ramp.view(1, -1, 1)) * 0.06
+    gradient = (
+        torch.cos(direction).view(-1, 1, 1) * ramp.view(1, 1, -1)
+        + torch.sin(direction).view(-1, 1, 1) * ramp.view(1, -1, 1)
+    ) * 0.06
     bg = (level + tint + gradient.unsqueeze(1)).expand(n, 3, size, size).clone()
     # drawn even when unused, so that a style change never shifts the rest of the random stream
     texture = _textures(n, size, g)
@@ -209,8 +210,14 @@ def pair_caption(first: int, relation: int, second: int) -> str:
     return f"a {CLASS_NAMES[first]} {RELATIONS[relation]} a {CLASS_NAMES[second]}."
 
 
-def draw_pairs(first: torch.Tensor, second: torch.Tensor, relation: torch.Tensor, g: torch.Generator,
-               size: int = 64, style: Style = Style()) -> Scenes:
+def draw_pairs(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    relation: torch.Tensor,
+    g: torch.Generator,
+    size: int = 64,
+    style: Style = Style(),
+) -> Scenes:
     """Two-object scenes of the given classes (``first``, ``second``: N class indices) and
     relations (N indices into ``RELATIONS``); layout, colours and background come from ``g``.
 
@@ -227,16 +234,19 @@ def draw_pairs(first: torch.Tensor, second: torch.Tensor, relation: torch.Tensor
     along_first = along[:, 0] + sign * half
     along_second = along[:, 1] + (1 - sign) * half
     horizontal = relation < 2
-    cx = torch.stack([torch.where(horizontal, along_first, across[:, 0]),
-                      torch.where(horizontal, along_second, across[:, 1])], 1)
-    cy = torch.stack([torch.where(horizontal, across[:, 0], along_first),
-                      torch.where(horizontal, across[:, 1], along_second)], 1)
+    cx = torch.stack(
+        [torch.where(horizontal, along_first, across[:, 0]), torch.where(horizontal, along_second, across[:, 1])], 1
+    )
+    cy = torch.stack(
+        [torch.where(horizontal, across[:, 0], along_first), torch.where(horizontal, across[:, 1], along_second)], 1
+    )
     angle = torch.rand(n, 2, generator=g) * 2 * math.pi
     images = _backgrounds(n, size, style, g)
     for k, labels in enumerate((first, second)):
         rgb = _object_colours(labels % len(COLOUR_NAMES), g).view(n, 3, 1, 1)
-        alpha = _coverage(labels // len(COLOUR_NAMES), cx[:, k], cy[:, k], radius[:, k],
-                          angle[:, k], size, style.outline_px).unsqueeze(1)
+        alpha = _coverage(
+            labels // len(COLOUR_NAMES), cx[:, k], cy[:, k], radius[:, k], angle[:, k], size, style.outline_px
+        ).unsqueeze(1)
         images = images * (1 - alpha) + rgb * alpha
     canonical = [pair_caption(a, r, b) for a, r, b in zip(first.tolist(), relation.tolist(), second.tolist())]
     return Scenes(images, first, list(canonical), canonical)

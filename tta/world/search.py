@@ -59,8 +59,10 @@ class SearchWorld:
 
     def __post_init__(self) -> None:
         if self.rows < 2 or self.cols < 2 or self.cell_px < 16:
-            raise ValueError(f"the grid needs at least 2 x 2 cells of 16 px or more, got {self.rows} x {self.cols} "
-                             f"cells of {self.cell_px} px")
+            raise ValueError(
+                f"the grid needs at least 2 x 2 cells of 16 px or more, got {self.rows} x {self.cols} "
+                f"cells of {self.cell_px} px"
+            )
         if min(self.dense_rate, self.sparse_rate, self.distractor_rate, self.canopy_rate) < 0:
             raise ValueError("rates are expected objects per cell and cannot be negative")
         if self.n_sites < len(REGION_TYPES):
@@ -87,10 +89,15 @@ def _terrain(world: SearchWorld, g: torch.Generator) -> tuple[torch.Tensor, torc
     h, w = world.rows * world.cell_px, world.cols * world.cell_px
     sites = torch.rand(world.n_sites, 2, generator=g) * torch.tensor([w, h])
     # every type appears at least once, the rest of the sites draw their type at random
-    types = torch.cat([torch.randperm(len(REGION_TYPES), generator=g),
-                       torch.randint(0, len(REGION_TYPES), (world.n_sites - len(REGION_TYPES),), generator=g)])
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
-                            indexing="ij")
+    types = torch.cat(
+        [
+            torch.randperm(len(REGION_TYPES), generator=g),
+            torch.randint(0, len(REGION_TYPES), (world.n_sites - len(REGION_TYPES),), generator=g),
+        ]
+    )
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5, indexing="ij"
+    )
     # a gently warped distance makes region borders wavy rather than straight
     warp = 0.06 * min(h, w) * torch.sin(ys / (0.11 * h) + torch.rand(1, generator=g) * 6.28)
     d = (xs.unsqueeze(0) + warp - sites[:, 0].view(-1, 1, 1)) ** 2 + (ys.unsqueeze(0) - sites[:, 1].view(-1, 1, 1)) ** 2
@@ -99,8 +106,9 @@ def _terrain(world: SearchWorld, g: torch.Generator) -> tuple[torch.Tensor, torc
     # one texture per type: meadow speckle, sand ripples, rock blotches
     speckle = torch.rand(1, h, w, generator=g) - 0.5
     ripples = torch.sin(xs * 0.35 + 0.6 * torch.sin(ys * 0.05)).unsqueeze(0)
-    coarse = torch.nn.functional.interpolate(torch.rand(1, 1, h // 16 + 1, w // 16 + 1, generator=g) - 0.5,
-                                             size=(h, w), mode="bilinear", align_corners=False)[0]
+    coarse = torch.nn.functional.interpolate(
+        torch.rand(1, 1, h // 16 + 1, w // 16 + 1, generator=g) - 0.5, size=(h, w), mode="bilinear", align_corners=False
+    )[0]
     pattern = torch.cat([0.12 * speckle, 0.05 * ripples, 0.18 * coarse])  # type x H x W
     pixels = base[region].permute(2, 0, 1) + pattern.gather(0, region.unsqueeze(0))
     return pixels.clamp(0, 1), region
@@ -117,12 +125,14 @@ def _objects_in_cells(rate_per_cell: torch.Tensor, world: SearchWorld, g: torch.
     return counts, cells, cx, cy, radius
 
 
-def _paste(image: torch.Tensor, cells: torch.Tensor, alpha: torch.Tensor, rgb: torch.Tensor, world: SearchWorld) -> None:
+def _paste(
+    image: torch.Tensor, cells: torch.Tensor, alpha: torch.Tensor, rgb: torch.Tensor, world: SearchWorld
+) -> None:
     """Blend per-object layers (alpha N x s x s, rgb N x 3 [x s x s]) into their cells, in order."""
     s = world.cell_px
     for k, cell in enumerate(cells.tolist()):
         r, c = divmod(cell, world.cols)
-        patch = image[:, r * s:(r + 1) * s, c * s:(c + 1) * s]
+        patch = image[:, r * s : (r + 1) * s, c * s : (c + 1) * s]
         colour = rgb[k] if rgb[k].ndim == 3 else rgb[k].view(3, 1, 1)
         patch.mul_(1 - alpha[k]).add_(colour * alpha[k])
 
@@ -132,13 +142,15 @@ def render_query_image(target_class: int, size: int, g: torch.Generator) -> torc
     shape = torch.tensor([target_class // len(COLOUR_NAMES)])
     colour = _object_colours(torch.tensor([target_class % len(COLOUR_NAMES)]), g).view(3, 1, 1)
     angle = torch.rand(1, generator=g) * 2 * math.pi
-    alpha = _coverage(shape, torch.tensor([size / 2]), torch.tensor([size / 2]), torch.tensor([0.3 * size]), angle,
-                      size, None)
+    alpha = _coverage(
+        shape, torch.tensor([size / 2]), torch.tensor([size / 2]), torch.tensor([0.3 * size]), angle, size, None
+    )
     return torch.full((3, size, size), 0.3) * (1 - alpha) + colour * alpha
 
 
-def render_search_episode(seed: int, domain: str = "clean", severity: int = 3,
-                          world: SearchWorld = SearchWorld()) -> SearchEpisode:
+def render_search_episode(
+    seed: int, domain: str = "clean", severity: int = 3, world: SearchWorld = SearchWorld()
+) -> SearchEpisode:
     """The episode of ``seed`` seen in ``domain`` ("clean" or a shift of the world) at ``severity``."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown offline-world domain {domain!r}; choose from {list(DOMAINS)}")
@@ -148,7 +160,7 @@ def render_search_episode(seed: int, domain: str = "clean", severity: int = 3,
     s = world.cell_px
     target_class = int(torch.randint(0, len(CLASS_NAMES), (1,), generator=g))
     image, pixel_region = _terrain(world, g)
-    regions = pixel_region[s // 2::s, s // 2::s]  # the type at each cell's centre
+    regions = pixel_region[s // 2 :: s, s // 2 :: s]  # the type at each cell's centre
     dense_type = int(torch.randint(0, len(REGION_TYPES), (1,), generator=g))
     rate = torch.where(regions == dense_type, world.dense_rate, world.sparse_rate)
 
@@ -183,20 +195,23 @@ def render_search_episode(seed: int, domain: str = "clean", severity: int = 3,
     direction = torch.rand(n, generator=g) * 2 * math.pi
     offset = radius * (0.7 + 0.5 * torch.rand(n, generator=g))
     m = len(free)
-    blob_radius = torch.cat([radius * (0.55 + 0.3 * torch.rand(n, generator=g)),
-                             (0.08 + 0.1 * torch.rand(m, generator=g)) * s])
+    blob_radius = torch.cat(
+        [radius * (0.55 + 0.3 * torch.rand(n, generator=g)), (0.08 + 0.1 * torch.rand(m, generator=g)) * s]
+    )
     blob_cx = torch.cat([cx + offset * torch.cos(direction), s * torch.rand(m, generator=g)])
     blob_cy = torch.cat([cy + offset * torch.sin(direction), s * torch.rand(m, generator=g)])
     blob_cells = torch.cat([cells, free])
-    blob_alpha = _coverage(torch.zeros(n + m, dtype=torch.long), blob_cx, blob_cy, blob_radius,
-                           torch.zeros(n + m), s, None) * 0.9
+    blob_alpha = (
+        _coverage(torch.zeros(n + m, dtype=torch.long), blob_cx, blob_cy, blob_radius, torch.zeros(n + m), s, None)
+        * 0.9
+    )
     # a blob takes the darkened terrain colour under its centre
     px = (blob_cells % world.cols) * s + blob_cx.clamp(0, s - 1).long()
     py = (blob_cells // world.cols) * s + blob_cy.clamp(0, s - 1).long()
     blob_rgb = (image[:, py, px].T * 0.75).clamp(0, 1)
 
     # drawn even when unused, so that a style change never shifts the rest of the random stream
-    clutter = _textures(1, max(image.shape[-2:]), g)[0, :, :image.shape[-2], :image.shape[-1]]
+    clutter = _textures(1, max(image.shape[-2:]), g)[0, :, : image.shape[-2], : image.shape[-1]]
     if style.texture_alpha > 0:  # the texture shift clutters the terrain, as the scenes' backgrounds
         image = (1 - style.texture_alpha) * image + style.texture_alpha * clutter
     _paste(image, cells[order], alpha[order], rgb[order], world)
@@ -207,6 +222,14 @@ def render_search_episode(seed: int, domain: str = "clean", severity: int = 3,
         image = shift.apply(image.unsqueeze(0), severity, pixel_g)[0]
     targets = torch.stack([(t_cells % world.cols) * s + t_cx, (t_cells // world.cols) * s + t_cy], 1)
     query_image = render_query_image(target_class, s, g)
-    return SearchEpisode(image=image.clamp(0, 1), query=f"a {CLASS_NAMES[target_class]}.", query_image=query_image,
-                         target_class=target_class, counts=counts.view(world.rows, world.cols), targets=targets,
-                         regions=regions, dense_type=dense_type, domain=domain)
+    return SearchEpisode(
+        image=image.clamp(0, 1),
+        query=f"a {CLASS_NAMES[target_class]}.",
+        query_image=query_image,
+        target_class=target_class,
+        counts=counts.view(world.rows, world.cols),
+        targets=targets,
+        regions=regions,
+        dense_type=dense_type,
+        domain=domain,
+    )

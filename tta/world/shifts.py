@@ -34,8 +34,8 @@ def gaussian_blur(images: torch.Tensor, sigma: float, g: torch.Generator) -> tor
     padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
     # separable blur as a weighted sum of shifted slices: far faster on CPU than a
     # depthwise conv2d with a long thin kernel
-    rows = sum(k * padded[..., i:i + w] for i, k in enumerate(kernel.tolist()))
-    return sum(k * rows[..., i:i + h, :] for i, k in enumerate(kernel.tolist()))
+    rows = sum(k * padded[..., i : i + w] for i, k in enumerate(kernel.tolist()))
+    return sum(k * rows[..., i : i + h, :] for i, k in enumerate(kernel.tolist()))
 
 
 def contrast(images: torch.Tensor, factor: float, g: torch.Generator) -> torch.Tensor:
@@ -88,18 +88,37 @@ class Shift:
 SHIFTS: dict[str, Shift] = {
     s.name: s
     for s in (
-        Shift("noise", (0.015, 0.02, 0.025, 0.03, 0.04), gaussian_noise,
-              description="additive gaussian noise, sigma in [0, 1] pixel units"),
-        Shift("blur", (0.9, 1.15, 1.4, 1.7, 2.1), gaussian_blur,
-              description="gaussian blur, sigma in pixels"),
-        Shift("contrast", (0.7, 0.6, 0.5, 0.42, 0.34), contrast,
-              description="contrast scaled by the factor around the image mean"),
-        Shift("sketch", (10.0, 8.0, 6.0, 4.5, 3.0), style_field="outline_px",
-              description="outlines only: a band this many pixels wide inside the silhouette"),
-        Shift("texture", (0.06, 0.1, 0.14, 0.18, 0.24), style_field="texture_alpha",
-              description="coloured stripes/checkers blended into the background"),
-        Shift("hue", (0.05, 0.07, 0.095, 0.11, 0.14), hue_jitter,
-              description="hue rotated by this fraction of a turn, random sign"),
+        Shift(
+            "noise",
+            (0.015, 0.02, 0.025, 0.03, 0.04),
+            gaussian_noise,
+            description="additive gaussian noise, sigma in [0, 1] pixel units",
+        ),
+        Shift("blur", (0.9, 1.15, 1.4, 1.7, 2.1), gaussian_blur, description="gaussian blur, sigma in pixels"),
+        Shift(
+            "contrast",
+            (0.7, 0.6, 0.5, 0.42, 0.34),
+            contrast,
+            description="contrast scaled by the factor around the image mean",
+        ),
+        Shift(
+            "sketch",
+            (10.0, 8.0, 6.0, 4.5, 3.0),
+            style_field="outline_px",
+            description="outlines only: a band this many pixels wide inside the silhouette",
+        ),
+        Shift(
+            "texture",
+            (0.06, 0.1, 0.14, 0.18, 0.24),
+            style_field="texture_alpha",
+            description="coloured stripes/checkers blended into the background",
+        ),
+        Shift(
+            "hue",
+            (0.05, 0.07, 0.095, 0.11, 0.14),
+            hue_jitter,
+            description="hue rotated by this fraction of a turn, random sign",
+        ),
     )
 }
 DOMAINS: tuple[str, ...] = ("clean", *SHIFTS)

@@ -50,8 +50,9 @@ def make_batch(step: int, seed: int, batch_size: int, pair_fraction: float) -> S
     )
 
 
-def soft_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                   canonical: list[str]) -> torch.Tensor:
+def soft_clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, canonical: list[str]
+) -> torch.Tensor:
     """Symmetric InfoNCE where every caption with the same content is a positive."""
     ids = {c: i for i, c in enumerate(dict.fromkeys(canonical))}
     content = torch.tensor([ids[c] for c in canonical])
@@ -61,8 +62,13 @@ def soft_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, lo
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def soft_sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                      logit_bias: torch.Tensor, canonical: list[str]) -> torch.Tensor:
+def soft_sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    canonical: list[str],
+) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss where every caption with the same content is a positive."""
     ids = {c: i for i, c in enumerate(dict.fromkeys(canonical))}
     content = torch.tensor([ids[c] for c in canonical])
@@ -71,9 +77,17 @@ def soft_sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return -F.logsigmoid(signs * (logits + logit_bias)).sum() / len(logits)
 
 
-def train(steps: int = 350, batch_size: int = 256, lr: float = 2e-3, weight_decay: float = 0.1,
-          warmup: int = 20, pair_fraction: float = 0.25, seed: int = 0, log_every: int = 25,
-          loss: str = "infonce") -> tuple[torch.nn.Module, dict]:
+def train(
+    steps: int = 350,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    weight_decay: float = 0.1,
+    warmup: int = 20,
+    pair_fraction: float = 0.25,
+    seed: int = 0,
+    log_every: int = 25,
+    loss: str = "infonce",
+) -> tuple[torch.nn.Module, dict]:
     """Train from scratch with the ``loss`` ("infonce": CLIP-style, "sigmoid": SigLIP-style, on
     the ``ARCHITECTURES[loss]`` towers); returns the model (eval mode) and the run's log."""
     if loss not in ARCHITECTURES:
@@ -101,8 +115,9 @@ def train(steps: int = 350, batch_size: int = 256, lr: float = 2e-3, weight_deca
         image_features = model.encode_image((batch.images - mean) / std)
         text_features = model.encode_text(tokenizer(batch.captions))
         if loss == "sigmoid":
-            value = soft_sigmoid_loss(image_features, text_features, model.logit_scale, model.logit_bias,
-                                      batch.canonical)
+            value = soft_sigmoid_loss(
+                image_features, text_features, model.logit_scale, model.logit_bias, batch.canonical
+            )
         else:
             value = soft_clip_loss(image_features, text_features, model.logit_scale, batch.canonical)
         optimizer.zero_grad(set_to_none=True)
@@ -112,12 +127,22 @@ def train(steps: int = 350, batch_size: int = 256, lr: float = 2e-3, weight_deca
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(value.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {value.item():.4f}  lr {lr_at(step):.2e}  "
-                  f"{time.perf_counter() - start:6.1f}s", flush=True)
+            print(
+                f"step {step:4d}  loss {value.item():.4f}  lr {lr_at(step):.2e}  {time.perf_counter() - start:6.1f}s",
+                flush=True,
+            )
     model.eval()
-    log = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-           "pair_fraction": pair_fraction, "seed": seed, "loss": loss, "train_seconds": time.perf_counter() - start,
-           "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+    log = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "pair_fraction": pair_fraction,
+        "seed": seed,
+        "loss": loss,
+        "train_seconds": time.perf_counter() - start,
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+    }
     return model, log
 
 
@@ -126,10 +151,14 @@ def save_local_dir(model: torch.nn.Module, out_dir: Path, architecture: str = AR
     out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = json.loads((MODEL_CONFIG_DIR / f"{architecture}.json").read_text())
     preprocess = dict(model.visual.preprocess_cfg)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "resize_mode")}}
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "resize_mode")},
+    }
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-             if v.is_floating_point()}
+    state = {
+        k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if v.is_floating_point()
+    }
     state.update({k: v.contiguous() for k, v in model.state_dict().items() if not v.is_floating_point()})
     save_file(state, str(out_dir / "open_clip_model.safetensors"))
     return out_dir
@@ -142,8 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss", choices=sorted(ARCHITECTURES), default="infonce",
-                        help="infonce: the CLIP-style model; sigmoid: the SigLIP-style one (logit bias)")
+    parser.add_argument(
+        "--loss",
+        choices=sorted(ARCHITECTURES),
+        default="infonce",
+        help="infonce: the CLIP-style model; sigmoid: the SigLIP-style one (logit bias)",
+    )
     parser.add_argument("--eval-n", type=int, default=1000, help="scenes per domain for the accuracy table")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

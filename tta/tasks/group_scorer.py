@@ -10,7 +10,8 @@ import torch
 from typing_extensions import override
 
 from tta.metrics.groups import group_match_margin, group_score, image_score, multiple_choice_correct, text_score
-from tta.models.vlm import OverVLM, VisionLanguageModel
+from tta.models.vlm import VisionLanguageModel
+from tta.tasks.base import OverVLM
 
 #: Per-group metrics of a k x k group (1 x k items have only ``text_score``: the correct option wins).
 GROUP_METRICS = ("text_score", "image_score", "group_score", "group_match")
@@ -20,8 +21,10 @@ def check_group_batch(batch: dict[str, Any]) -> None:
     """Clear errors for a batch that breaks the group contract (see ``tta.datamodules.compositional``)."""
     missing = {"images", "captions", "index", "domain"} - set(batch)
     if missing:
-        raise KeyError(f"batch lacks {sorted(missing)}: a group datamodule must yield dicts with images "
-                       "(B x m x 3 x H x W), captions, index and domain (see tta.datamodules.compositional)")
+        raise KeyError(
+            f"batch lacks {sorted(missing)}: a group datamodule must yield dicts with images "
+            "(B x m x 3 x H x W), captions, index and domain (see tta.datamodules.compositional)"
+        )
     images, captions = batch["images"], batch["captions"]
     if images.ndim != 5:
         raise ValueError(f"group images must be B x m x 3 x H x W, got shape {tuple(images.shape)}")
@@ -35,15 +38,23 @@ def group_rows(scores: torch.Tensor, prefix: str = "") -> list[dict[str, Any]]:
     if scores.shape[1] == 1:  # 1 x k multiple choice: correct option minus the best other
         correct = multiple_choice_correct(scores[:, 0])
         others = scores[:, 0, 1:].amax(1)
-        return [{f"{prefix}text_score": int(c), f"{prefix}image_score": None, f"{prefix}group_score": None,
-                 f"{prefix}group_match": None, f"{prefix}margin": f"{m:.4f}"}
-                for c, m in zip(correct.tolist(), (scores[:, 0, 0] - others).tolist())]
-    values = {"text_score": text_score(scores), "image_score": image_score(scores),
-              "group_score": group_score(scores)}
+        return [
+            {
+                f"{prefix}text_score": int(c),
+                f"{prefix}image_score": None,
+                f"{prefix}group_score": None,
+                f"{prefix}group_match": None,
+                f"{prefix}margin": f"{m:.4f}",
+            }
+            for c, m in zip(correct.tolist(), (scores[:, 0, 0] - others).tolist())
+        ]
+    values = {"text_score": text_score(scores), "image_score": image_score(scores), "group_score": group_score(scores)}
     margin = group_match_margin(scores)
     values["group_match"] = margin > 0
-    return [{**{f"{prefix}{name}": int(v[i]) for name, v in values.items()},
-             f"{prefix}margin": f"{float(margin[i]):.4f}"} for i in range(len(scores))]
+    return [
+        {**{f"{prefix}{name}": int(v[i]) for name, v in values.items()}, f"{prefix}margin": f"{float(margin[i]):.4f}"}
+        for i in range(len(scores))
+    ]
 
 
 def _mean(rows: list[dict[str, str]], column: str) -> float | None:
@@ -86,13 +97,25 @@ class GroupScorer(OverVLM, pl.LightningModule):
         kinds = batch.get("kind") or [""] * len(batch["index"])
         if len(batch["index"]) == 0:
             return {"scores": torch.zeros(0, 1, 1), "index": batch["index"], "domain": [], "kind": []}
-        return {"scores": self(batch["images"], batch["captions"]), "index": batch["index"],
-                "domain": list(batch["domain"]), "kind": list(kinds)}
+        return {
+            "scores": self(batch["images"], batch["captions"]),
+            "index": batch["index"],
+            "domain": list(batch["domain"]),
+            "kind": list(kinds),
+        }
 
     # the writer interface ------------------------------------------------------------------
     prediction_columns: tuple[str, ...] = (
-        "index", "domain", "kind", "shape", *GROUP_METRICS, "margin",
-        *(f"{m}_zs" for m in GROUP_METRICS), "margin_zs", "scores")
+        "index",
+        "domain",
+        "kind",
+        "shape",
+        *GROUP_METRICS,
+        "margin",
+        *(f"{m}_zs" for m in GROUP_METRICS),
+        "margin_zs",
+        "scores",
+    )
 
     def prediction_rows(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
         """One row per group; ``*_zs`` columns are empty unless a callback left ``scores_zs``."""
@@ -102,10 +125,16 @@ class GroupScorer(OverVLM, pl.LightningModule):
         out = []
         for i, (row, zs) in enumerate(zip(rows, unadapted)):
             row = {**row, **{f"{k[3:]}_zs": v for k, v in zs.items()}}
-            out.append({"index": int(outputs["index"][i]), "domain": outputs["domain"][i], "kind": outputs["kind"][i],
-                        "shape": f"{scores.shape[1]}x{scores.shape[2]}",
-                        **{c: row.get(c) for c in self.prediction_columns if c in row},
-                        "scores": json.dumps([[round(v, 4) for v in r] for r in scores[i].float().tolist()])})
+            out.append(
+                {
+                    "index": int(outputs["index"][i]),
+                    "domain": outputs["domain"][i],
+                    "kind": outputs["kind"][i],
+                    "shape": f"{scores.shape[1]}x{scores.shape[2]}",
+                    **{c: row.get(c) for c in self.prediction_columns if c in row},
+                    "scores": json.dumps([[round(v, 4) for v in r] for r in scores[i].float().tolist()]),
+                }
+            )
         return out
 
     def summarize_predictions(self, rows: list[dict[str, str]]) -> dict[str, Any]:
@@ -123,10 +152,12 @@ class GroupScorer(OverVLM, pl.LightningModule):
 
         result = summary(rows)
         result["headline"] = "group_score"  # what tta-report tabulates and plots
-        result["domains"] = {d: summary([r for r in rows if r["domain"] == d])
-                             for d in dict.fromkeys(r["domain"] for r in rows)}
-        result["kinds"] = {k: summary([r for r in rows if r["kind"] == k])
-                           for k in dict.fromkeys(r["kind"] for r in rows)}
+        result["domains"] = {
+            d: summary([r for r in rows if r["domain"] == d]) for d in dict.fromkeys(r["domain"] for r in rows)
+        }
+        result["kinds"] = {
+            k: summary([r for r in rows if r["kind"] == k]) for k in dict.fromkeys(r["kind"] for r in rows)
+        }
         return result
 
     def progress_values(self, row: dict[str, str]) -> dict[str, float | None]:

@@ -10,20 +10,25 @@ import torch
 from typing_extensions import override
 
 from tta.metrics import summarize
-from tta.models.vlm import OverVLM, VisionLanguageModel, check_class_names, check_templates
+from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates
+from tta.tasks.base import OverVLM
 
 
 def check_batch(batch: dict[str, Any], n_classes: int) -> None:
     """Clear errors for a batch that breaks the contract (see ``tta.datamodules``)."""
     missing = {"image", "label", "index", "domain"} - set(batch)
     if missing:
-        raise KeyError(f"batch lacks {sorted(missing)}: a datamodule must yield dicts with "
-                       "image, label, index and domain (see tta.datamodules)")
+        raise KeyError(
+            f"batch lacks {sorted(missing)}: a datamodule must yield dicts with "
+            "image, label, index and domain (see tta.datamodules)"
+        )
     labels = batch["label"]
     known = labels[labels >= 0]
     if known.numel() and int(known.max()) >= n_classes:
-        raise ValueError(f"label {int(known.max())} is outside the class list of {n_classes} classes: "
-                         "the datamodule's labels and the class names disagree")
+        raise ValueError(
+            f"label {int(known.max())} is outside the class list of {n_classes} classes: "
+            "the datamodule's labels and the class names disagree"
+        )
     if torch.isnan(batch["image"]).any():
         bad = batch["index"][torch.isnan(batch["image"]).flatten(1).any(1)].tolist()
         raise ValueError(f"images with sample index {bad} contain NaN: check the data source")
@@ -49,15 +54,26 @@ class ClassifierPredictions:
         confidence, pred = outputs["probs"].detach().float().cpu().max(-1)
         zs = outputs.get("probs_zs")
         confidence_zs, pred_zs = zs.detach().float().cpu().max(-1) if zs is not None else (None, None)
-        return [{"index": int(outputs["index"][i]), "domain": outputs["domain"][i], "label": int(outputs["label"][i]),
-                 "pred": int(pred[i]), "confidence": f"{confidence[i]:.6f}",
-                 "pred_zs": None if pred_zs is None else int(pred_zs[i]),
-                 "confidence_zs": None if confidence_zs is None else f"{confidence_zs[i]:.6f}"}
-                for i in range(len(pred))]
+        return [
+            {
+                "index": int(outputs["index"][i]),
+                "domain": outputs["domain"][i],
+                "label": int(outputs["label"][i]),
+                "pred": int(pred[i]),
+                "confidence": f"{confidence[i]:.6f}",
+                "pred_zs": None if pred_zs is None else int(pred_zs[i]),
+                "confidence_zs": None if confidence_zs is None else f"{confidence_zs[i]:.6f}",
+            }
+            for i in range(len(pred))
+        ]
 
     def summarize_predictions(self, rows: list[dict[str, str]]) -> dict[str, Any]:
-        return summarize([int(r["pred"]) for r in rows], [int(r["label"]) for r in rows],
-                         [float(r["confidence"]) for r in rows], [r["domain"] for r in rows])
+        return summarize(
+            [int(r["pred"]) for r in rows],
+            [int(r["label"]) for r in rows],
+            [float(r["confidence"]) for r in rows],
+            [r["domain"] for r in rows],
+        )
 
     def progress_values(self, row: dict[str, str]) -> dict[str, float | None]:
         labelled = int(row["label"]) >= 0
@@ -81,8 +97,12 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
     the datamodule's ``class_names``.
     """
 
-    def __init__(self, vlm: VisionLanguageModel, class_names: Sequence[str] | None = None,
-                 templates: Sequence[str] = ("a photo of a {}.",)) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        class_names: Sequence[str] | None = None,
+        templates: Sequence[str] = ("a photo of a {}.",),
+    ) -> None:
         super().__init__()
         self.vlm = vlm
         self.class_names = None if class_names is None else check_class_names(class_names)
@@ -94,8 +114,10 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None)
             names = getattr(datamodule, "class_names", None)
             if names is None:
-                raise ValueError("no class names: pass class_names to ZeroShotClassifier or use a "
-                                 "datamodule with a class_names attribute")
+                raise ValueError(
+                    "no class names: pass class_names to ZeroShotClassifier or use a "
+                    "datamodule with a class_names attribute"
+                )
             self.class_names = check_class_names(names)
 
     def text_features(self) -> torch.Tensor:

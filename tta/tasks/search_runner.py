@@ -12,7 +12,8 @@ import torch
 from typing_extensions import override
 
 from tta.methods.search import SearchResult, check_planner, planner_map, run_search, zero_shot_scores
-from tta.models.vlm import OverVLM, VisionLanguageModel
+from tta.models.vlm import VisionLanguageModel
+from tta.tasks.base import OverVLM
 
 #: Per-episode outputs of :func:`episode_outputs`, besides index and domain.
 RESULT_KEYS = ("n_targets", "found", "steps_first", "steps_middle", "steps_last")
@@ -24,8 +25,7 @@ DOMAIN_METRICS = ("n", "found_fraction", "found_fraction_zs", "steps_first")
 
 def episode_outputs(results: Sequence[SearchResult]) -> dict[str, torch.Tensor]:
     """Per-episode result tensors (B long); a step count is -1 where that target was not reached."""
-    out = {"n_targets": torch.tensor([r.n_targets for r in results]),
-           "found": torch.tensor([r.found for r in results])}
+    out = {"n_targets": torch.tensor([r.n_targets for r in results]), "found": torch.tensor([r.found for r in results])}
     for which in MILESTONES:
         steps = [r.steps_to(which) for r in results]
         out[f"steps_{which}"] = torch.tensor([-1 if s is None else s for s in steps])
@@ -36,8 +36,10 @@ def check_episode_batch(batch: dict[str, Any]) -> None:
     """Clear errors for a batch that breaks the episode contract (see ``tta.datamodules.search``)."""
     missing = {"image", "grid", "query", "query_image", "counts", "start", "index", "domain"} - set(batch)
     if missing:
-        raise KeyError(f"batch lacks {sorted(missing)}: search episodes come from a search datamodule "
-                       "(tta.datamodules.WorldSearchDataModule or EpisodeFolderDataModule)")
+        raise KeyError(
+            f"batch lacks {sorted(missing)}: search episodes come from a search datamodule "
+            "(tta.datamodules.WorldSearchDataModule or EpisodeFolderDataModule)"
+        )
     for k, (text, image) in enumerate(zip(batch["query"], batch["query_image"])):
         if (text is None) == (image is None):
             raise ValueError(f"episode {int(batch['index'][k])} needs exactly one query: a text or an image")
@@ -69,14 +71,34 @@ class SearchEpisodeRunner(OverVLM, pl.LightningModule):
     """
 
     prediction_columns: tuple[str, ...] = (
-        "index", "domain", "n_targets", "found", "found_fraction", "steps_first", "steps_middle", "steps_last",
-        "found_zs", "found_fraction_zs", "steps_first_zs", "steps_middle_zs", "steps_last_zs",
-        "n_updates", "ms_per_update",
+        "index",
+        "domain",
+        "n_targets",
+        "found",
+        "found_fraction",
+        "steps_first",
+        "steps_middle",
+        "steps_last",
+        "found_zs",
+        "found_fraction_zs",
+        "steps_first_zs",
+        "steps_middle_zs",
+        "steps_last_zs",
+        "n_updates",
+        "ms_per_update",
     )
 
-    def __init__(self, vlm: VisionLanguageModel, planner: str = "greedy", budget: int = 64, blur: bool = True,
-                 discount: float = 0.8, scale: float | None = None, bias: float | None = None,
-                 cell_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        planner: str = "greedy",
+        budget: int = 64,
+        blur: bool = True,
+        discount: float = 0.8,
+        scale: float | None = None,
+        bias: float | None = None,
+        cell_batch_size: int = 64,
+    ) -> None:
         super().__init__()
         check_planner(planner)
         if budget < 1:
@@ -89,11 +111,18 @@ class SearchEpisodeRunner(OverVLM, pl.LightningModule):
     def search(self, batch: dict[str, Any], k: int) -> SearchResult:
         """Episode ``k`` of the batch, searched on the zero-shot map."""
         grid = tuple(int(g) for g in batch["grid"][k])
-        scores = zero_shot_scores(self.vlm, batch["image"][k], grid, episode_query(batch, k), self.scale, self.bias,
-                                  self.cell_batch_size)
+        scores = zero_shot_scores(
+            self.vlm, batch["image"][k], grid, episode_query(batch, k), self.scale, self.bias, self.cell_batch_size
+        )
         start = tuple(int(s) for s in batch["start"][k])
-        return run_search(batch["counts"][k].cpu(), planner_map(scores.cpu(), grid, self.blur), self.budget,
-                          self.planner, start, discount=self.discount)
+        return run_search(
+            batch["counts"][k].cpu(),
+            planner_map(scores.cpu(), grid, self.blur),
+            self.budget,
+            self.planner,
+            start,
+            discount=self.discount,
+        )
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -134,8 +163,10 @@ class SearchEpisodeRunner(OverVLM, pl.LightningModule):
         metrics = summarize_search(rows)
         metrics["headline"] = "found_fraction"  # what tta-report tabulates and plots
         domains = list(dict.fromkeys(r["domain"] for r in rows))
-        metrics["domains"] = {d: {k: v for k, v in summarize_search([r for r in rows if r["domain"] == d]).items()
-                                  if k in DOMAIN_METRICS} for d in domains}
+        metrics["domains"] = {
+            d: {k: v for k, v in summarize_search([r for r in rows if r["domain"] == d]).items() if k in DOMAIN_METRICS}
+            for d in domains
+        }
         return metrics
 
 
@@ -165,8 +196,11 @@ def summarize_search(rows: list[dict[str, str]]) -> dict[str, Any]:
             metrics[f"steps_{which}{suffix}"] = _mean(steps)
             metrics[f"reached_{which}{suffix}"] = len(steps)
     if "found_fraction_zs" in metrics:
-        pairs = [(float(r["found_fraction"]), float(r["found_fraction_zs"])) for r in rows
-                 if r.get("found_fraction") not in ("", None) and r.get("found_fraction_zs") not in ("", None)]
+        pairs = [
+            (float(r["found_fraction"]), float(r["found_fraction_zs"]))
+            for r in rows
+            if r.get("found_fraction") not in ("", None) and r.get("found_fraction_zs") not in ("", None)
+        ]
         metrics["wins"] = sum(a > b + 1e-9 for a, b in pairs)
         metrics["ties"] = sum(math.isclose(a, b, abs_tol=1e-9) for a, b in pairs)
         metrics["losses"] = sum(a < b - 1e-9 for a, b in pairs)

@@ -19,26 +19,30 @@ from timm.data import resolve_model_data_config
 from typing_extensions import override
 
 from tta.models.vlm import check_class_names, check_images
-from tta.models.zero_shot import ClassifierPredictions, predict_outputs
+from tta.tasks.zero_shot import ClassifierPredictions, predict_outputs
 
 
 def _check_model_name(model_name: str) -> None:
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
-        raise ValueError(f"unknown timm model {model_name!r}; close matches: {close}. Use a name from "
-                         "timm.list_models() (the pretrained tag, e.g. '.a1_in1k', may follow it)")
+        raise ValueError(
+            f"unknown timm model {model_name!r}; close matches: {close}. Use a name from "
+            "timm.list_models() (the pretrained tag, e.g. '.a1_in1k', may follow it)"
+        )
 
 
 def _check_pretrained(pretrained: bool | str) -> None:
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
-        raise FileNotFoundError(f"pretrained={pretrained!r} is not a file: pass an existing checkpoint "
-                                "file, true for timm's own weights (needs network), or false for random weights")
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} is not a file: pass an existing checkpoint "
+            "file, true for timm's own weights (needs network), or false for random weights"
+        )
 
 
 class TimmClassifier(ClassifierPredictions, pl.LightningModule):
     """Classify images with a timm model.
 
-    ``predict_step`` returns, per batch, the same dict as :class:`tta.models.ZeroShotClassifier`:
+    ``predict_step`` returns, per batch, the same dict as :class:`tta.tasks.ZeroShotClassifier`:
     ``logits`` (B x C), ``probs`` (softmax of the logits), ``image_features`` (B x D: the pooled
     pre-logits features, ``forward_head(forward_features(x), pre_logits=True)``, L2-normalised),
     ``label``, ``index`` and ``domain``. Images come in raw (float in [0, 1]) and are normalised
@@ -58,18 +62,26 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
         model_kwargs: further keyword arguments of ``timm.create_model`` (e.g. ``img_size``).
     """
 
-    def __init__(self, model_name: str, pretrained: bool | str = False, class_names: Sequence[str] | None = None,
-                 num_classes: int | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool | str = False,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         _check_model_name(model_name)
         _check_pretrained(pretrained)
         self.class_names = None if class_names is None else check_class_names(class_names)
         if num_classes is None and self.class_names is not None:
             num_classes = len(self.class_names)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive integer or None (the number of class names), "
-                             f"got {num_classes!r}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(
+                f"num_classes must be a positive integer or None (the number of class names), got {num_classes!r}"
+            )
         self._fixed_head = num_classes is not None
         self._check_head(num_classes)
         kwargs = dict(model_kwargs or {})
@@ -86,7 +98,8 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
         self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
         #: The input size the model needs (H, W), or None where any size works (most CNNs).
         self.fixed_image_size: tuple[int, int] | None = (
-            tuple(data_config["input_size"][-2:]) if self.model.pretrained_cfg.get("fixed_input_size") else None)
+            tuple(data_config["input_size"][-2:]) if self.model.pretrained_cfg.get("fixed_input_size") else None
+        )
         #: The size the model was trained at: the default image size of the data.
         self.input_size: int = int(data_config["input_size"][-1])
 
@@ -107,15 +120,19 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
             return timm.create_model(self._model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         except RuntimeError as error:
             head = "timm's default head" if num_classes is None else f"a {num_classes}-class head"
-            raise ValueError(f"could not load {path} into {self._model_name} with {head} "
-                             f"({str(error).strip().splitlines()[-1].strip()}): check that the file holds "
-                             f"{self._model_name} weights and set num_classes to its head's size") from error
+            raise ValueError(
+                f"could not load {path} into {self._model_name} with {head} "
+                f"({str(error).strip().splitlines()[-1].strip()}): check that the file holds "
+                f"{self._model_name} weights and set num_classes to its head's size"
+            ) from error
 
     def _check_head(self, num_classes: int | None) -> None:
         if self.class_names is not None and num_classes is not None and num_classes != len(self.class_names):
-            raise ValueError(f"num_classes={num_classes} but {len(self.class_names)} class names were given: "
-                             "pass one name per output of the head, or num_classes=None to size the head "
-                             "by the class names")
+            raise ValueError(
+                f"num_classes={num_classes} but {len(self.class_names)} class names were given: "
+                "pass one name per output of the head, or num_classes=None to size the head "
+                "by the class names"
+            )
 
     @override
     def setup(self, stage: str) -> None:
@@ -124,13 +141,16 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         names = getattr(datamodule, "class_names", None)
         if names is None:
-            raise ValueError("no class names: pass class_names to TimmClassifier or use a datamodule with "
-                             "a class_names attribute")
+            raise ValueError(
+                "no class names: pass class_names to TimmClassifier or use a datamodule with a class_names attribute"
+            )
         names = check_class_names(names)
         if self._fixed_head and self.num_classes != len(names):
-            raise ValueError(f"the head of {self.model_name} has {self.num_classes} outputs but the datamodule "
-                             f"has {len(names)} classes: set num_classes={len(names)} (a fresh head) or "
-                             "num_classes=None, or use a model trained on these classes")
+            raise ValueError(
+                f"the head of {self.model_name} has {self.num_classes} outputs but the datamodule "
+                f"has {len(names)} classes: set num_classes={len(names)} (a fresh head) or "
+                "num_classes=None, or use a model trained on these classes"
+            )
         if self.num_classes != len(names):
             self.model.reset_classifier(len(names))
             self.model.to(self.mean.device).requires_grad_(False)
@@ -138,8 +158,12 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
 
     def check_images(self, images: torch.Tensor) -> None:
         """Clear errors for the commonest image mistakes, before the model runs."""
-        check_images(images, self.fixed_image_size, self.model_name,
-                     " (or pass model_kwargs={'img_size': ...} where the model supports it)")
+        check_images(
+            images,
+            self.fixed_image_size,
+            self.model_name,
+            " (or pass model_kwargs={'img_size': ...} where the model supports it)",
+        )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_images(images)
