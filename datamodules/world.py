@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from typing_extensions import override
 
 from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
-from tta.world import CLASS_NAMES, DOMAINS, check_domain, render_domain
+from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, check_domain, model_input, render_domain
 
 
 class TensorDictDataset(Dataset):
@@ -35,9 +34,9 @@ class WorldDataModule(StreamDataModule):
     """Single-object scenes of the offline world, ``n_per_domain`` per domain.
 
     Every domain shows the same scenes (same ``seed``) through its shift, so differences
-    between domains are the shift's alone. Images are rendered at 64 px (the scale the shift
-    severities are calibrated at), stored as uint8 like real images, and resized to
-    ``image_size`` if that differs. The default ``seed`` is disjoint from the training seeds of
+    between domains are the shift's alone. Scenes are rendered as originals of ``render_size``
+    px (stored as uint8 like real images) and resized + centre-cropped to ``image_size``, as
+    real images are (``tta.world.model_input``). The default ``seed`` is disjoint from the training seeds of
     the shipped model. ``stream`` orders each domain's samples (see ``tta.datamodules.streams``:
     "iid", "sorted" by label, or "dirichlet" class-imbalanced chunks of ``batch_size``).
     """
@@ -52,6 +51,7 @@ class WorldDataModule(StreamDataModule):
         n_per_domain: int = 500,
         seed: int = 10_000,
         image_size: int = 64,
+        render_size: int = ORIGINAL_SIZE,
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
@@ -72,6 +72,7 @@ class WorldDataModule(StreamDataModule):
             raise ValueError(f"n_per_domain and batch_size must be positive, got {n_per_domain}, {batch_size}")
         self.severity, self.n_per_domain, self.seed = int(severity), int(n_per_domain), int(seed)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.render_size = int(render_size)
         check_stream(stream, dirichlet_alpha)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
         self.dataset: TensorDictDataset | None = None
@@ -83,13 +84,9 @@ class WorldDataModule(StreamDataModule):
             return
         images, labels, domains = [], [], []
         for domain in self.domains:
-            scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed)
-            pixels = scenes.images
-            if pixels.shape[-1] != self.image_size:
-                pixels = F.interpolate(
-                    pixels, size=self.image_size, mode="bilinear", antialias=True, align_corners=False
-                ).clamp(0, 1)
-            images.append((pixels * 255).round().to(torch.uint8))
+            scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed, self.render_size)
+            originals = (scenes.images * 255).round().to(torch.uint8)
+            images.append((model_input(originals, self.image_size) * 255).round().to(torch.uint8))
             labels.append(scenes.labels)
             domains += [domain] * self.n_per_domain
         self.dataset = TensorDictDataset(torch.cat(images), torch.cat(labels), domains)

@@ -9,7 +9,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from tta.datamodules import ImageFolderDataModule, WorldDataModule
 from tta.metrics import classification_metrics, summarize
-from tta.world import CLASS_NAMES, render_domain
+from tta.world import CLASS_NAMES, ORIGINAL_SIZE, model_input, render_domain
 
 
 def predict_batches(datamodule):
@@ -55,11 +55,12 @@ def test_world_data_are_the_rendered_scenes():
     by_index = batch["index"].argsort()  # the stream shuffles; the index keeps each sample's identity
     batch = {"label": batch["label"][by_index], "image": batch["image"][by_index]}
     for k, domain in enumerate(["clean", "noise"]):
-        scenes = render_domain(domain, 2, 6, seed=3)
+        scenes = render_domain(domain, 2, 6, seed=3, size=ORIGINAL_SIZE)
         part = slice(6 * k, 6 * (k + 1))
         assert torch.equal(batch["label"][part], scenes.labels)
-        # stored as uint8, like real images
-        torch.testing.assert_close(batch["image"][part], scenes.images, atol=0.5 / 255 + 1e-6, rtol=0)
+        # originals stored as uint8, like real images, then resized + centre-cropped for the model
+        expected = model_input((scenes.images * 255).round().to(torch.uint8), 64)
+        torch.testing.assert_close(batch["image"][part], expected, atol=0.5 / 255 + 1e-6, rtol=0)
 
 
 def test_world_all_domains():

@@ -6,14 +6,18 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tta.world import (
     CLASS_NAMES,
     COLOUR_NAMES,
     DOMAINS,
+    ORIGINAL_SIZE,
+    REFERENCE_SIZE,
     RELATIONS,
     SHAPES,
     SHIFTS,
+    model_input,
     render_domain,
     render_pairs,
     render_single,
@@ -28,6 +32,7 @@ def assert_same_scenes(a, b):
     assert torch.equal(a.labels, b.labels)
     assert a.captions == b.captions
     assert a.canonical == b.canonical
+    assert torch.equal(a.boxes, b.boxes)
 
 
 def test_domains_are_clean_plus_every_shift():
@@ -60,15 +65,63 @@ def test_domains_are_deterministic(domain):
     assert not torch.equal(render_domain(domain, 3, N, seed=8).images, render_domain(domain, 3, N, seed=7).images)
 
 
+@pytest.mark.parametrize("size", [REFERENCE_SIZE, ORIGINAL_SIZE, 160])
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_images_are_rgb_64px_in_unit_range(domain):
-    scenes = render_domain(domain, 5, N, seed=0)
-    assert scenes.images.shape == (N, 3, 64, 64)
+def test_images_are_rgb_at_the_size_asked_in_unit_range(domain, size):
+    scenes = render_domain(domain, 5, N, seed=0, size=size)
+    assert scenes.images.shape == (N, 3, size, size)
     assert scenes.images.dtype == torch.float32
     assert scenes.images.min() >= 0 and scenes.images.max() <= 1
     assert scenes.labels.dtype == torch.long
     assert scenes.labels.min() >= 0 and scenes.labels.max() < len(CLASS_NAMES)
     assert len(scenes.captions) == len(scenes.canonical) == N
+    assert scenes.boxes.shape == (N, 4)
+    assert (scenes.boxes[:, :2] >= 0).all() and (scenes.boxes[:, 2:] <= size).all()
+    assert (scenes.boxes[:, 2:] > scenes.boxes[:, :2]).all()
+
+
+@pytest.mark.parametrize("render", [render_single, render_pairs])
+def test_a_scene_is_the_same_at_any_size(render):
+    """Geometry, colours and clutter are drawn in units of the image side: the original resized
+    to the model input is the scene rendered at the model input, up to resampling."""
+    large = render(64, seed=2, size=ORIGINAL_SIZE)
+    small = render(64, seed=2, size=REFERENCE_SIZE)
+    assert large.captions == small.captions and torch.equal(large.labels, small.labels)
+    difference = (model_input(large.images, REFERENCE_SIZE) - small.images).abs()
+    assert difference.mean() < 0.02, difference.mean()
+    torch.testing.assert_close(
+        large.boxes / ORIGINAL_SIZE, small.boxes / REFERENCE_SIZE, atol=2 / REFERENCE_SIZE, rtol=0
+    )
+
+
+def test_the_main_object_covers_15_to_60_percent_near_the_centre():
+    scenes = render_single(2000, seed=4, size=ORIGINAL_SIZE)
+    x0, y0, x1, y1 = (scenes.boxes / ORIGINAL_SIZE).unbind(1)
+    fraction = (x1 - x0) * (y1 - y0)
+    assert fraction.min() >= 0.15 and fraction.max() <= 0.60, (fraction.min(), fraction.max())
+    assert 0.3 < fraction.mean() < 0.45
+    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+    assert ((centre_x - 0.5).abs().max() < 0.2) and ((centre_y - 0.5).abs().max() < 0.2)
+    # every class appears, at every size
+    assert set(scenes.labels.tolist()) == set(range(len(CLASS_NAMES)))
+
+
+def test_backgrounds_carry_clutter_and_context():
+    """Outside the object's box the background is not flat: a horizon, gradient and clutter items."""
+    scenes = render_single(32, seed=6, size=ORIGINAL_SIZE)
+    corner = scenes.images[:, :, :24, :24]  # the object's box never reaches a corner this far
+    spread = corner.flatten(1).std(1)
+    assert (spread > 0.01).float().mean() > 0.8
+
+
+def test_model_input_resizes_and_centre_crops():
+    originals = (torch.rand(2, 3, 96, 128) * 255).to(torch.uint8)
+    images = model_input(originals, 64)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    torch.testing.assert_close(model_input(originals.float() / 255, 64), images)
+    square = torch.rand(1, 3, 64, 64)
+    assert torch.equal(model_input(square, 64), square)
 
 
 def test_single_captions_name_the_class():
@@ -113,10 +166,10 @@ def test_unknown_domain_names_the_choices():
     assert all(domain in message for domain in DOMAINS)
 
 
-def difference_from_clean(domain: str, severity: int) -> torch.Tensor:
+def difference_from_clean(domain: str, severity: int, size: int = REFERENCE_SIZE) -> torch.Tensor:
     """Per-pixel max absolute channel difference between ``domain`` and clean (N x H x W)."""
-    clean = render_domain("clean", 1, 32, seed=11).images
-    return (render_domain(domain, severity, 32, seed=11).images - clean).abs().amax(1)
+    clean = render_domain("clean", 1, 32, seed=11, size=size).images
+    return (render_domain(domain, severity, 32, seed=11, size=size).images - clean).abs().amax(1)
 
 
 @pytest.mark.parametrize("domain", ["noise", "blur", "contrast", "hue", "texture"])
@@ -132,3 +185,38 @@ def test_sketch_outline_covers_less_with_severity():
     # are the part of the object the outline no longer covers.
     uncovered = [(difference_from_clean("sketch", s) > 1e-6).float().mean().item() for s in range(1, 6)]
     assert all(a < b for a, b in itertools.pairwise(uncovered)), uncovered
+
+
+@pytest.mark.parametrize("domain", SHIFTED)
+def test_a_shift_is_the_same_at_any_size(domain):
+    """Spatial levels (blur sigma, noise sigma, outline width) scale with the image, so a shift
+    changes the scene as much at any size: compared on 16 x 16 area averages (the noise sigma
+    scales as white noise does, with the same power per unit of area; a resize's antialiasing
+    filter would remove a kernel-dependent part of it)."""
+
+    def change(size: int) -> torch.Tensor:
+        clean = render_domain("clean", 1, 32, seed=12, size=size).images
+        shifted = render_domain(domain, 3, 32, seed=12, size=size).images
+        return (F.adaptive_avg_pool2d(shifted, 16) - F.adaptive_avg_pool2d(clean, 16)).abs().mean()
+
+    ratio = change(ORIGINAL_SIZE) / change(REFERENCE_SIZE)
+    assert 0.75 < ratio < 1.33, ratio
+
+
+def test_blur_and_noise_levels_scale_with_the_size():
+    images = torch.full((1, 3, 32, 32), 0.5)
+    g = torch.Generator().manual_seed(0)
+    noise = SHIFTS["noise"]
+    at_reference = (noise.apply(images, 3, g, scale=1.0) - 0.5).std()
+    at_twice = (noise.apply(images, 3, torch.Generator().manual_seed(0), scale=2.0) - 0.5).std()
+    assert abs(at_twice / at_reference - 2) < 0.2
+    edge = torch.zeros(1, 3, 64, 64)
+    edge[..., 32:] = 1
+    blur = SHIFTS["blur"]
+    width = [
+        (blur.apply(edge, 3, g, scale=s)[0, 0, 0] > 0.05)
+        .logical_and(blur.apply(edge, 3, g, scale=s)[0, 0, 0] < 0.95)
+        .sum()
+        for s in (1.0, 2.0)
+    ]
+    assert width[1] > 1.6 * width[0], width

@@ -9,11 +9,14 @@ from __future__ import annotations
 import zlib
 
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from tta.world.scenes import (
     CAPTION_TEMPLATES,
     CLASS_NAMES,
     COLOUR_NAMES,
+    ORIGINAL_SIZE,
+    REFERENCE_SIZE,
     RELATIONS,
     SHAPES,
     Scenes,
@@ -28,14 +31,18 @@ __all__ = [
     "CLASS_NAMES",
     "COLOUR_NAMES",
     "DOMAINS",
+    "ORIGINAL_SIZE",
+    "REFERENCE_SIZE",
     "RELATIONS",
     "SHAPES",
     "SHIFTS",
     "Scenes",
     "Shift",
     "Style",
+    "model_input",
     "render_domain",
     "render_pairs",
+    "render_shifted",
     "render_single",
 ]
 
@@ -45,14 +52,32 @@ def check_domain(domain: str) -> None:
         raise ValueError(f"unknown offline-world domain {domain!r}; choose from {list(DOMAINS)}")
 
 
-def render_domain(domain: str, severity: int, n: int, seed: int, size: int = 64) -> Scenes:
-    """``n`` single-object scenes of ``domain`` ("clean" or a shift name) at ``severity``."""
+def render_domain(domain: str, severity: int, n: int, seed: int, size: int = REFERENCE_SIZE) -> Scenes:
+    """``n`` single-object scenes of ``domain`` ("clean" or a shift name) at ``severity``,
+    ``size`` pixels on a side (``ORIGINAL_SIZE`` for the originals that are resized for the model)."""
     check_domain(domain)
     if domain == "clean":
         return render_single(n, seed, size)
-    shift = SHIFTS[domain]
+    return render_shifted(domain, SHIFTS[domain], severity, n, seed, size)
+
+
+def render_shifted(name: str, shift: Shift, severity: int, n: int, seed: int, size: int = REFERENCE_SIZE) -> Scenes:
+    """:func:`render_domain` for a shift given by its object (a trial severity table, say)
+    under the domain ``name``, which seeds its pixel noise."""
     scenes = render_single(n, seed, size, style=shift.style(severity))
     # the pixel noise stream depends on the domain, not on which other domains were rendered
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(domain.encode()))
-    scenes.images = shift.apply(scenes.images, severity, g)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    scenes.images = shift.apply(scenes.images, severity, g, scale=size / REFERENCE_SIZE)
     return scenes
+
+
+def model_input(originals: torch.Tensor, size: int) -> torch.Tensor:
+    """Model inputs from originals (``N x 3 x H x W``, uint8 or float in [0, 1]): the shorter side
+    resized to ``size`` (bicubic, antialiased) and the centre ``size x size`` cropped, as real
+    images are prepared (``ImageFolderDataModule``); float in [0, 1]."""
+    images = originals.float() / 255 if originals.dtype == torch.uint8 else originals
+    if tuple(images.shape[-2:]) != (size, size):
+        images = TF.center_crop(
+            TF.resize(images, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), size
+        )
+    return images.clamp(0, 1)

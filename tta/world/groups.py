@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.world.scenes import COLOUR_NAMES, RELATIONS, SHAPES, Style, draw_pairs, pair_caption
+from tta.world.scenes import COLOUR_NAMES, REFERENCE_SIZE, RELATIONS, SHAPES, Style, draw_pairs, pair_caption
 from tta.world.shifts import DOMAINS, SHIFTS
 
 SWAP_KINDS: tuple[str, ...] = ("relation", "colour", "shape")
@@ -53,7 +53,9 @@ def _swapped(first: torch.Tensor, second: torch.Tensor, kind: str) -> tuple[torc
     return shape_b * n_colours + colour_a, shape_a * n_colours + colour_b
 
 
-def render_groups(kind: str, n: int, seed: int, domain: str = "clean", severity: int = 3, size: int = 64) -> Groups:
+def render_groups(
+    kind: str, n: int, seed: int, domain: str = "clean", severity: int = 3, size: int = REFERENCE_SIZE
+) -> Groups:
     """``n`` 2 x 2 groups of swap ``kind`` seen through ``domain`` ("clean" or a shift) at ``severity``.
 
     The same ``seed`` gives the same scenes in every domain, so domains differ by the shift alone.
@@ -78,7 +80,8 @@ def render_groups(kind: str, n: int, seed: int, domain: str = "clean", severity:
     pixels = torch.stack(images, 1)  # n x 2 x 3 x H x W
     if domain != "clean":
         noise = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"groups-{domain}".encode()))
-        pixels = SHIFTS[domain].apply(pixels.flatten(0, 1), severity, noise).view_as(pixels)
+        shifted = SHIFTS[domain].apply(pixels.flatten(0, 1), severity, noise, scale=size / REFERENCE_SIZE)
+        pixels = shifted.view_as(pixels)
     captions = [
         [pair_caption(a, r, b), pair_caption(c, r, d)]
         for a, b, c, d, r in zip(

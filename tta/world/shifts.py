@@ -1,9 +1,12 @@
 """Domain shifts of the offline world, each with severities 1-5.
 
 A shift acts at render time (a :class:`~tta.world.scenes.Style`: outlines only, textured
-background) and/or on the pixels afterwards (noise, blur, contrast, hue). The severity tables
-were calibrated by measurement against the shipped tiny CLIP so that severity 3 lands between
-30% and 75% zero-shot accuracy (see README, "The offline world").
+background) and/or on the pixels afterwards (noise, blur, contrast, hue). Levels are given for
+a scene of ``REFERENCE_SIZE`` pixels (the model input); on an image ``scale`` times that size
+the spatial ones scale with it (blur sigma, and the noise sigma, so that the noise left after
+resizing to the model input is the same), so a shift is a property of the scene, not of the
+pixel grid. The severity tables were calibrated by measurement against the default shipped
+model so that severity 3 lands between 35% and 65% zero-shot accuracy (see docs/world.md).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class Shift:
     levels: tuple[float, float, float, float, float]
     pixel_op: PixelOp | None = None
     style_field: str | None = None  # the Style field the level sets, for render-time shifts
+    scales_with_size: bool = False  # the level is in pixels of a REFERENCE_SIZE image
     description: str = field(default="", compare=False)
 
     def level(self, severity: int) -> float:
@@ -79,10 +83,13 @@ class Shift:
             return Style()
         return Style(**{self.style_field: self.level(severity)})
 
-    def apply(self, images: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, severity: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+        """The pixel part of the shift on ``images`` (N x 3 x H x W), which are ``scale`` times
+        ``REFERENCE_SIZE`` on a side."""
         if self.pixel_op is None:
             return images
-        return self.pixel_op(images, self.level(severity), g)
+        level = self.level(severity) * (scale if self.scales_with_size else 1.0)
+        return self.pixel_op(images, level, g)
 
 
 SHIFTS: dict[str, Shift] = {
@@ -92,9 +99,16 @@ SHIFTS: dict[str, Shift] = {
             "noise",
             (0.015, 0.02, 0.025, 0.03, 0.04),
             gaussian_noise,
+            scales_with_size=True,
             description="additive gaussian noise, sigma in [0, 1] pixel units",
         ),
-        Shift("blur", (0.9, 1.15, 1.4, 1.7, 2.1), gaussian_blur, description="gaussian blur, sigma in pixels"),
+        Shift(
+            "blur",
+            (0.9, 1.15, 1.4, 1.7, 2.1),
+            gaussian_blur,
+            scales_with_size=True,
+            description="gaussian blur, sigma in pixels",
+        ),
         Shift(
             "contrast",
             (0.7, 0.6, 0.5, 0.42, 0.34),
