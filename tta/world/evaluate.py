@@ -1,57 +1,220 @@
-"""Zero-shot accuracy of a model on the offline world, per domain and severity.
+"""The recipe's evaluation: the properties of the offline world and a model, in one table.
 
-    python -m tta.world.evaluate --model tta-world-clip --severities 1 2 3 4 5
+    python -m tta.world.evaluate                               # the default model, severity 3
+    python -m tta.world.evaluate --model tta-world-resnet
+    python -m tta.world.evaluate --severities 1 2 3 4 5        # accuracy per shift and severity
 
-Used by the training recipe (the table in the README) and to calibrate the shift severities.
+Scenes are rendered as originals (``ORIGINAL_SIZE`` px, stored as uint8 as the datamodule
+stores them) and resized + centre-cropped to the model input as real images are. Per domain
+(clean, and every shift at the severity): zero-shot accuracy ("a photo of a {}."), top-label
+ECE (15 bins, as ``tta-predict`` reports it) and the 5-NN label agreement of the image features
+(how well the features cluster by class, what batch methods such as LAME rely on). On clean,
+the augmentation-only baseline: the original plus 63 views cropped from the original by
+torchvision's ``v2.RandomResizedCrop(size, scale=(0.08, 1))`` + horizontal flip, the 10% most
+confident averaged (as ``tta=views`` does). Below the table: how much of the image the main
+object's box covers, and the share of those crops that keep a quarter of it in view.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
 
+from tta.methods.views import confident_view_average
+from tta.metrics import classification_metrics
 from tta.models.factory import create_vlm
-from tta.world import CLASS_NAMES, DOMAINS, render_domain
+from tta.models.vlm import VisionLanguageModel
+from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, SHIFTS, model_input, render_domain, render_shifted
+from tta.world.scenes import Scenes
+
+DEFAULT_MODEL = "tta-world-vit"
+TEMPLATES = ("a photo of a {}.",)
+
+
+def _originals(scenes: Scenes) -> torch.Tensor:
+    """The originals as the datamodule stores them: uint8."""
+    return (scenes.images * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def _zero_shot(
+    vlm: VisionLanguageModel, images: torch.Tensor, batch_size: int = 250
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and normalised image features of model inputs."""
+    text = vlm.class_text_features(CLASS_NAMES, TEMPLATES)
+    features = vlm.encode_image(images, batch_size=batch_size)
+    return vlm.logits(features, text), features
+
+
+def knn_agreement(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Mean share of each sample's ``k`` nearest neighbours (cosine, itself excluded) that share its label."""
+    similarity = features @ features.T
+    similarity.fill_diagonal_(-float("inf"))
+    neighbours = similarity.topk(k, dim=1).indices
+    return (labels[neighbours] == labels[:, None]).float().mean().item()
+
+
+def _domain_row(vlm: VisionLanguageModel, scenes: Scenes) -> dict:
+    images = model_input(_originals(scenes), vlm.image_size[0])
+    logits, features = _zero_shot(vlm, images)
+    probs = logits.softmax(-1)
+    confidence, pred = probs.max(-1)
+    row = classification_metrics(pred, scenes.labels, confidence)
+    row["knn_agreement"] = knn_agreement(features, scenes.labels)
+    return row
+
+
+@torch.no_grad()
+def view_baseline(vlm: VisionLanguageModel, scenes: Scenes, n_views: int = 64, seed: int = 0) -> dict:
+    """Accuracy of the augmentation-only baseline (the original + ``n_views - 1`` crops of the
+    original, the 10% most confident averaged), and the share of crops keeping at least a
+    quarter of the main object's box."""
+    size = vlm.image_size[0]
+    crop = v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)
+    text = vlm.class_text_features(CLASS_NAMES, TEMPLATES)
+    originals = _originals(scenes)
+    torch.manual_seed(seed)  # torchvision's transforms draw from the global generator
+    correct, in_view = 0, []
+    for original, label, box in zip(originals, scenes.labels, scenes.boxes):
+        views, shown = [model_input(original[None], size)[0]], []
+        for _ in range(n_views - 1):
+            p = crop.make_params([original])
+            view = TF.resized_crop(original, p["top"], p["left"], p["height"], p["width"], [size, size], antialias=True)
+            views.append(TF.horizontal_flip(view) if torch.rand(()) < 0.5 else view)
+            overlap_x = min(box[2], p["left"] + p["width"]) - max(box[0], p["left"])
+            overlap_y = min(box[3], p["top"] + p["height"]) - max(box[1], p["top"])
+            box_area = (box[2] - box[0]) * (box[3] - box[1])
+            shown.append(max(overlap_x, 0) * max(overlap_y, 0) / box_area)
+        batch = torch.stack([v if v.is_floating_point() else v.float() / 255 for v in views]).clamp(0, 1)
+        logits = vlm.logits(vlm.encode_image(batch), text)
+        averaged, _ = confident_view_average(logits[None])
+        correct += int(averaged.argmax(-1).item() == label.item())
+        in_view.append((torch.tensor(shown) >= 0.25).float().mean())
+    return {
+        "n": len(originals),
+        "accuracy": correct / len(originals),
+        "crops_in_view": torch.stack(in_view).mean().item(),
+    }
+
+
+def world_properties(
+    model: str = DEFAULT_MODEL,
+    n: int = 1000,
+    severity: int = 3,
+    seed: int = 10_000,
+    views_n: int = 300,
+    render_size: int = ORIGINAL_SIZE,
+    n_views: int = 64,
+) -> dict:
+    """Zero-shot accuracy, ECE and 5-NN agreement per domain at ``severity``, the view baseline
+    on ``views_n`` clean scenes, and the object's coverage. The default seed differs from every
+    training seed, so the scenes are unseen."""
+    vlm = create_vlm(model)
+    domains = {}
+    for domain in DOMAINS:
+        scenes = render_domain(domain, severity, n, seed, render_size)
+        domains[domain] = _domain_row(vlm, scenes)
+        if domain == "clean":
+            area = (scenes.boxes[:, 2] - scenes.boxes[:, 0]) * (scenes.boxes[:, 3] - scenes.boxes[:, 1])
+            box_fraction = area / render_size**2
+    views = view_baseline(vlm, render_domain("clean", severity, views_n, seed, render_size), n_views)
+    shifted = [domains[d] for d in DOMAINS if d != "clean"]
+    return {
+        "model": model,
+        "n": n,
+        "severity": severity,
+        "seed": seed,
+        "render_size": render_size,
+        "image_size": vlm.image_size[0],
+        "logit_scale": vlm.logit_scale.item(),
+        "domains": domains,
+        "shifted_mean": {key: sum(d[key] for d in shifted) / len(shifted) for key in ("accuracy", "ece")},
+        "views": views,
+        "object_box_fraction": {
+            "min": box_fraction.min().item(),
+            "mean": box_fraction.mean().item(),
+            "max": box_fraction.max().item(),
+        },
+    }
+
+
+def print_properties(p: dict) -> None:
+    print(
+        f"{p['model']} (logit scale {p['logit_scale']:.1f}) · {p['n']} scenes per domain (seed {p['seed']}) · "
+        f"severity {p['severity']} · originals {p['render_size']} px -> model input {p['image_size']} px"
+    )
+    print("| domain | zero-shot accuracy % | ECE | 5-NN agreement % | view baseline % |")
+    print("|---|---|---|---|---|")
+    for name, row in p["domains"].items():
+        views = f"{100 * p['views']['accuracy']:.1f} (n={p['views']['n']})" if name == "clean" else ""
+        print(
+            f"| {name} | {100 * row['accuracy']:.1f} | {row['ece']:.3f} | {100 * row['knn_agreement']:.1f} | {views} |"
+        )
+    mean = p["shifted_mean"]
+    print(f"| shifted mean | {100 * mean['accuracy']:.1f} | {mean['ece']:.3f} | | |")
+    box = p["object_box_fraction"]
+    print(
+        f"main object's box: {100 * box['min']:.1f}-{100 * box['max']:.1f}% of the image "
+        f"(mean {100 * box['mean']:.1f}%); "
+        f"crops (scale 0.08-1) keeping >= 25% of it in view: {100 * p['views']['crops_in_view']:.1f}%"
+    )
 
 
 @torch.no_grad()
 def accuracy_table(
-    model: str,
+    model: str = DEFAULT_MODEL,
     n: int = 1000,
-    severities: tuple[int, ...] = (3,),
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
     seed: int = 10_000,
-    templates: tuple[str, ...] = ("a photo of a {}.",),
-    batch_size: int = 500,
-) -> dict[str, dict[int, float]]:
-    """``{domain: {severity: top-1 accuracy}}``; "clean" has severity 0 only.
-
-    The default seed differs from every training seed, so the scenes are unseen.
-    """
+    render_size: int = ORIGINAL_SIZE,
+    levels: dict[str, tuple[float, ...]] | None = None,
+) -> dict[str, dict[str, dict]]:
+    """``{domain: {severity: {"accuracy", "ece"}}}`` ("clean" has severity 0 only). ``levels``
+    replaces a shift's severity table, to calibrate it: ``{"blur": (1.0, 1.5, ...)}``."""
     vlm = create_vlm(model)
-    text = vlm.class_text_features(CLASS_NAMES, templates)
-    table: dict[str, dict[int, float]] = {}
-    for domain in DOMAINS:
-        for severity in (0,) if domain == "clean" else severities:
-            scenes = render_domain(domain, max(severity, 1), n, seed)
-            correct = 0
-            for start in range(0, n, batch_size):
-                images = scenes.images[start : start + batch_size]
-                pred = vlm.logits(vlm.encode_image(images), text).argmax(-1)
-                correct += (pred == scenes.labels[start : start + batch_size]).sum().item()
-            table.setdefault(domain, {})[severity] = correct / n
+    table: dict[str, dict[str, dict]] = {
+        "clean": {"0": _domain_row(vlm, render_domain("clean", 1, n, seed, render_size))}
+    }
+    for name, shift in SHIFTS.items():
+        shift_levels = (levels or {}).get(name)
+        if shift_levels is not None:
+            shift = dataclasses.replace(shift, levels=tuple(shift_levels))
+        for severity in range(1, len(shift.levels) + 1) if shift_levels else severities:
+            row = _domain_row(vlm, render_shifted(name, shift, severity, n, seed, render_size))
+            table.setdefault(name, {})[str(severity)] = {"accuracy": row["accuracy"], "ece": row["ece"]}
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="zero-shot accuracy on the offline world")
-    parser.add_argument("--model", default="tta-world-clip", help="a model name for tta.models.create_vlm")
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--severities", type=int, nargs="+", default=[3])
+    parser = argparse.ArgumentParser(description="properties of the offline world and a model, in one table")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model name for tta.models.create_vlm")
+    parser.add_argument("--n", type=int, default=1000, help="scenes per domain")
+    parser.add_argument("--severity", type=int, default=3)
+    parser.add_argument("--views-n", type=int, default=300, help="clean scenes for the view baseline (64 views each)")
+    parser.add_argument("--severities", type=int, nargs="+", help="instead: accuracy and ECE per shift and severity")
+    parser.add_argument(
+        "--levels", type=json.loads, help="with --severities: trial severity tables, e.g. '{\"blur\": [1, 2, 3]}'"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
-    table = accuracy_table(args.model, args.n, tuple(args.severities))
-    print(json.dumps(table, indent=2))
+    if args.severities:
+        table = accuracy_table(args.model, args.n, tuple(args.severities), levels=args.levels)
+        if args.json:
+            print(json.dumps(table, indent=2))
+            return
+        for domain, cells in table.items():
+            print(
+                f"{domain:9s}",
+                "  ".join(f"{s}: {100 * c['accuracy']:5.1f}% ECE {c['ece']:.3f}" for s, c in cells.items()),
+            )
+        return
+    properties = world_properties(args.model, args.n, args.severity, views_n=args.views_n)
+    print(json.dumps(properties, indent=2)) if args.json else print_properties(properties)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
-"""Recipe: train the tiny CLIP of the offline world and ship it as an open_clip ``local-dir``.
+"""Recipe: train a world CLIP from scratch and ship it as an open_clip ``local-dir``.
 
-    python -m tta.world.train_clip --out tta/assets/tta-world-clip
-    python -m tta.world.train_clip --out tta/assets/tta-world-sigmoid --loss sigmoid
+    python -m tta.world.train_clip --out tta/assets/tta-world-vit
+    python -m tta.world.train_clip --out tta/assets/tta-world-resnet --tower resnet
+    python -m tta.world.train_clip --out tta/assets/tta-world-vit-siglip --loss sigmoid
 
-Seeded end to end (scenes, initialisation, batch order). Every step draws a fresh batch of
-clean scenes (75% one object, 25% two objects with a relation) with captions from seven
-templates, and minimises the symmetric InfoNCE loss with soft targets: captions that describe
-the same scene content (same class, or same pair and relation) are positives of each other,
-so the many same-class pairs of a 256 batch are not pushed apart. ``--loss sigmoid`` trains the
-SigLIP-style twin instead (same towers plus a learned logit bias, SigLIP's pairwise sigmoid
-loss with the same soft positives). A ResNet image tower learns
-shapes on two CPU cores in minutes, a tiny ViT does not. Weights are stored in fp16 (the
-49408-row token embedding dominates the size); the shipped model is evaluated after reloading,
-so the reported accuracy is that of the file. Run it with ``--help`` for the settings.
+Seeded end to end (scenes, crops, caption noise, initialisation, batch order). Every step draws
+a fresh batch of clean scenes (75% object-centric single objects, 25% two objects with a
+relation) rendered at ``render_size`` and cut to the model input by a random-resized crop +
+flip, as CLIP's own training does, over a wide range of scales: a crop may cut the object, and
+its caption still names it, so the model sees genuinely ambiguous pictures. A fraction
+``caption_noise`` of the captions name a random other class (web captions are noisy). Both
+keep the learned logit scale finite: a clean, unambiguous training set drives it to CLIP's cap
+of 100 and the model to overconfidence under shift. Captions come from seven templates; the
+loss is the symmetric InfoNCE with soft targets (captions that describe the same content are
+positives of each other, so the many same-class pairs of a batch are not pushed apart), or
+with ``--loss sigmoid`` SigLIP's pairwise sigmoid loss with a learned logit bias and the same
+positives (the SigLIP-style twin). ``--tower`` picks the image tower: a small ViT (patch
+tokens on an 8 x 8 grid) or a small ResNet. Weights are stored in fp16 (the 49408-row token
+embedding dominates the size); the shipped model is evaluated after reloading, so the reported
+figures are those of the file. Run it with ``--help`` for the settings.
 """
 
 from __future__ import annotations
@@ -29,25 +35,68 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tta.models.factory import MODEL_CONFIG_DIR, register_model_configs
-from tta.world.scenes import Scenes, render_pairs, render_single
+from tta.world.scenes import CAPTION_TEMPLATES, CLASS_NAMES, REFERENCE_SIZE, Scenes, render_pairs, render_single
 
-ARCHITECTURE = "tta-tiny-clip"
-#: Architecture per loss: the CLIP-style model (InfoNCE) and the SigLIP-style one (sigmoid loss,
-#: learned logit bias; same towers).
-ARCHITECTURES = {"infonce": ARCHITECTURE, "sigmoid": "tta-tiny-resnet-sigmoid"}
+#: open_clip architecture per (image tower, loss): the CLIP-style models (InfoNCE) and the
+#: SigLIP-style ones (sigmoid loss, learned logit bias; same towers).
+ARCHITECTURES: dict[tuple[str, str], str] = {
+    ("vit", "infonce"): "tta-tiny-vit",
+    ("vit", "sigmoid"): "tta-tiny-vit-sigmoid",
+    ("resnet", "infonce"): "tta-tiny-clip",
+    ("resnet", "sigmoid"): "tta-tiny-resnet-sigmoid",
+}
+TOWERS = ("vit", "resnet")
+LOSSES = ("infonce", "sigmoid")
 
 
-def make_batch(step: int, seed: int, batch_size: int, pair_fraction: float) -> Scenes:
+def random_resized_crops(
+    images: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator
+) -> torch.Tensor:
+    """One random-resized crop (area fraction in ``scale``, aspect ratio 3/4-4/3) + random
+    horizontal flip per image, resampled to ``size`` x ``size`` (bilinear, antialiased)."""
+    n, _, height, width = images.shape
+    area = torch.empty(n).uniform_(*scale, generator=g)
+    aspect = torch.exp(torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the side
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    x0 = torch.rand(n, generator=g) * (1 - w)
+    y0 = torch.rand(n, generator=g) * (1 - h)
+    flip = torch.rand(n, generator=g) < 0.5
+    crops = []
+    for i in range(n):
+        top, left = int(y0[i] * height), int(x0[i] * width)
+        crop = images[i : i + 1, :, top : top + max(1, int(h[i] * height)), left : left + max(1, int(w[i] * width))]
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        crops.append(crop.flip(-1) if flip[i] else crop)
+    return torch.cat(crops).clamp(0, 1)
+
+
+def make_batch(
+    step: int,
+    seed: int,
+    batch_size: int,
+    pair_fraction: float,
+    render_size: int,
+    image_size: int,
+    crop_scale: tuple[float, float],
+    caption_noise: float,
+) -> Scenes:
+    """Step ``step``'s batch: scenes, crops and caption noise drawn from ``seed`` and ``step``."""
     n_pairs = int(batch_size * pair_fraction)
     base = seed * 1_000_003 + step * 2
-    single = render_single(batch_size - n_pairs, base)
-    pairs = render_pairs(n_pairs, base + 1)
-    return Scenes(
-        images=torch.cat([single.images, pairs.images]),
-        labels=torch.cat([single.labels, pairs.labels]),
-        captions=single.captions + pairs.captions,
-        canonical=single.canonical + pairs.canonical,
-    )
+    single = render_single(batch_size - n_pairs, base, render_size)
+    pairs = render_pairs(n_pairs, base + 1, render_size)
+    g = torch.Generator().manual_seed(base + 7)
+    images = random_resized_crops(torch.cat([single.images, pairs.images]), image_size, crop_scale, g)
+    captions, canonical = single.captions + pairs.captions, single.canonical + pairs.canonical
+    noisy = (torch.rand(batch_size, generator=g) < caption_noise).nonzero().flatten().tolist()
+    other = torch.randint(0, len(CLASS_NAMES), (batch_size,), generator=g).tolist()
+    template = torch.randint(0, len(CAPTION_TEMPLATES), (batch_size,), generator=g).tolist()
+    for i in noisy:  # the caption of another class: its content, not the image's, sets its positives
+        captions[i] = CAPTION_TEMPLATES[template[i]].format(CLASS_NAMES[other[i]])
+        canonical[i] = f"a {CLASS_NAMES[other[i]]}."
+    labels = torch.cat([single.labels, pairs.labels])
+    return Scenes(images, labels, captions, canonical, torch.cat([single.boxes, pairs.boxes]))
 
 
 def soft_clip_loss(
@@ -77,25 +126,47 @@ def soft_sigmoid_loss(
     return -F.logsigmoid(signs * (logits + logit_bias)).sum() / len(logits)
 
 
+@torch.no_grad()
+def clean_accuracy(model: torch.nn.Module, tokenizer, mean: torch.Tensor, std: torch.Tensor, n: int = 300) -> float:
+    """Zero-shot accuracy ("a photo of a {}.") on ``n`` unseen clean scenes at the model input
+    size: the training curve's check (the recipe's evaluation measures the saved file)."""
+    scenes = render_single(n, seed=99_991, size=REFERENCE_SIZE)
+    text = F.normalize(model.encode_text(tokenizer([f"a photo of a {c}." for c in CLASS_NAMES])), dim=-1)
+    image = F.normalize(model.encode_image((scenes.images - mean) / std), dim=-1)
+    return ((image @ text.T).argmax(-1) == scenes.labels).float().mean().item()
+
+
 def train(
-    steps: int = 350,
-    batch_size: int = 256,
+    tower: str = "vit",
+    loss: str = "infonce",
+    steps: int = 1200,
+    batch_size: int = 128,
     lr: float = 2e-3,
     weight_decay: float = 0.1,
-    warmup: int = 20,
+    warmup: int = 50,
     pair_fraction: float = 0.25,
+    render_size: int = 96,
+    crop_scale: tuple[float, float] = (0.3, 1.0),
+    caption_noise: float = 0.05,
     seed: int = 0,
-    log_every: int = 25,
-    loss: str = "infonce",
+    log_every: int = 50,
+    curve_n: int = 300,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train from scratch with the ``loss`` ("infonce": CLIP-style, "sigmoid": SigLIP-style, on
-    the ``ARCHITECTURES[loss]`` towers); returns the model (eval mode) and the run's log."""
-    if loss not in ARCHITECTURES:
-        raise ValueError(f"loss must be one of {list(ARCHITECTURES)}, got {loss!r}")
+    """Train the ``tower`` ("vit" or "resnet") world CLIP from scratch with ``loss`` ("infonce":
+    CLIP-style, "sigmoid": SigLIP-style); returns the model (eval mode) and the run's log,
+    whose ``curve`` holds one row per ``log_every`` steps (0: only the final row), with the
+    clean accuracy on ``curve_n`` unseen scenes."""
+    if (tower, loss) not in ARCHITECTURES:
+        raise ValueError(f"tower must be one of {TOWERS} and loss one of {LOSSES}, got {tower!r}, {loss!r}")
+    if not 0 <= caption_noise < 1:
+        raise ValueError(f"caption_noise is a probability in [0, 1), got {caption_noise}")
+    architecture = ARCHITECTURES[tower, loss]
     register_model_configs()
     torch.manual_seed(seed)
-    model = open_clip.create_model(ARCHITECTURES[loss])
-    tokenizer = open_clip.get_tokenizer(ARCHITECTURES[loss])
+    model = open_clip.create_model(architecture)
+    tokenizer = open_clip.get_tokenizer(architecture)
+    image_size = model.visual.preprocess_cfg["size"]
+    image_size = image_size if isinstance(image_size, int) else image_size[0]
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -105,13 +176,13 @@ def train(
             return lr * (step + 1) / warmup
         return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    model.train()
-    start = time.perf_counter()
-    losses = []
+    start, start_cpu = time.perf_counter(), time.process_time()
+    curve, recent = [], []
     for step in range(steps):
+        model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        batch = make_batch(step, seed, batch_size, pair_fraction)
+        batch = make_batch(step, seed, batch_size, pair_fraction, render_size, image_size, crop_scale, caption_noise)
         image_features = model.encode_image((batch.images - mean) / std)
         text_features = model.encode_text(tokenizer(batch.captions))
         if loss == "sigmoid":
@@ -124,29 +195,47 @@ def train(
         value.backward()
         optimizer.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(value.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(
-                f"step {step:4d}  loss {value.item():.4f}  lr {lr_at(step):.2e}  {time.perf_counter() - start:6.1f}s",
-                flush=True,
-            )
+            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap
+        recent.append(value.item())
+        if (log_every and (step + 1) % log_every == 0) or step == steps - 1:
+            model.eval()
+            row = {
+                "step": step + 1,
+                "loss": sum(recent) / len(recent),
+                "logit_scale": model.logit_scale.exp().item(),
+                "clean_accuracy": clean_accuracy(model, tokenizer, mean, std, curve_n),
+                "wall_s": time.perf_counter() - start,
+                "cpu_s": time.process_time() - start_cpu,
+            }
+            if loss == "sigmoid":
+                row["logit_bias"] = model.logit_bias.item()
+            curve.append(row)
+            recent = []
+            print(json.dumps(row), flush=True)
     model.eval()
     log = {
+        "tower": tower,
+        "loss": loss,
+        "architecture": architecture,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
+        "warmup": warmup,
         "pair_fraction": pair_fraction,
+        "render_size": render_size,
+        "crop_scale": list(crop_scale),
+        "caption_noise": caption_noise,
         "seed": seed,
-        "loss": loss,
-        "train_seconds": time.perf_counter() - start,
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "threads": torch.get_num_threads(),
+        "train_wall_s": time.perf_counter() - start,
+        "train_cpu_s": time.process_time() - start_cpu,
+        "curve": curve,
     }
     return model, log
 
 
-def save_local_dir(model: torch.nn.Module, out_dir: Path, architecture: str = ARCHITECTURE) -> Path:
+def save_local_dir(model: torch.nn.Module, out_dir: Path, architecture: str) -> Path:
     """Write ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = json.loads((MODEL_CONFIG_DIR / f"{architecture}.json").read_text())
@@ -167,26 +256,38 @@ def save_local_dir(model: torch.nn.Module, out_dir: Path, architecture: str = AR
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="local-dir to write the model into")
-    parser.add_argument("--steps", type=int, default=350)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tower", choices=TOWERS, default="vit", help="the image tower: a small ViT or ResNet")
     parser.add_argument(
-        "--loss",
-        choices=sorted(ARCHITECTURES),
-        default="infonce",
-        help="infonce: the CLIP-style model; sigmoid: the SigLIP-style one (logit bias)",
+        "--loss", choices=LOSSES, default="infonce", help="infonce: CLIP-style; sigmoid: SigLIP-style (logit bias)"
     )
-    parser.add_argument("--eval-n", type=int, default=1000, help="scenes per domain for the accuracy table")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.3, 1.0), help="training crops' area range")
+    parser.add_argument("--caption-noise", type=float, default=0.05, help="fraction of captions naming another class")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--eval-n", type=int, default=1000, help="scenes per domain for the evaluation table")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, log = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, loss=args.loss)
-    save_local_dir(model, args.out, ARCHITECTURES[args.loss])
-    from tta.world.evaluate import accuracy_table  # evaluates the saved file, not the live model
-
-    log["accuracy_severity_3"] = accuracy_table(f"local-dir:{args.out}", n=args.eval_n, severities=(3,))
+    model, log = train(
+        tower=args.tower,
+        loss=args.loss,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        crop_scale=tuple(args.crop_scale),
+        caption_noise=args.caption_noise,
+        seed=args.seed,
+        log_every=args.log_every,
+    )
+    save_local_dir(model, args.out, log["architecture"])
     (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(json.dumps(log, indent=2))
+    from tta.world.evaluate import print_properties, world_properties  # evaluates the saved file
+
+    properties = world_properties(f"local-dir:{args.out}", n=args.eval_n)
+    log["properties"] = properties
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    print_properties(properties)
 
 
 if __name__ == "__main__":
