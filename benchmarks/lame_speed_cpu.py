@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    module = ZeroShotClassifier(create_vlm("tta-world-clip"), class_names=CLASS_NAMES).eval()
+    module = ZeroShotClassifier(create_vlm("tta-world-vit"), class_names=CLASS_NAMES).eval()
     images = render_domain("blur", 3, args.batch, seed=10_000).images
     with torch.inference_mode():
         out = module(images)

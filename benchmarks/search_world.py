@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.with_reference_lr:
         ARMS.update(REFERENCE_ARM)
-    vlm = create_vlm("tta-world-clip")
+    vlm = create_vlm("tta-world-vit")
     greedy = SearchEpisodeRunner(vlm, planner="greedy", budget=args.budget)
     lawnmower = SearchEpisodeRunner(vlm, planner="lawnmower", budget=args.budget)
     callbacks = {name: SearchTTA(lr_start=lrs[0], lr_end=lrs[1], seed=0) for name, lrs in ARMS.items() if lrs}
@@ -128,7 +128,7 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
         "",
         f"`python benchmarks/search_world.py --episodes {args.episodes}"
         f"{' --with-reference-lr' if args.with_reference_lr else ''}` (seeds {args.seed}-{args.seed + len(rows) - 1}; "
-        f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, shipped tta-world-clip, "
+        f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, shipped tta-world-vit, "
         f"1 CPU thread; whole run {total_s / 60:.1f} min, load average at the end {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores).",
         "",

@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.manual_seed(0)
-    vlm = create_vlm("tta-world-clip")
+    vlm = create_vlm("tta-world-vit")
     images = render_domain("blur", 3, args.images, seed=10_000).images
     seeds = [sample_seed(0, i) for i in range(args.images)]
     fast_prompt, full_prompt = PromptLearner(vlm, CLASS_NAMES), PromptLearner(vlm, CLASS_NAMES, truncate=False)

@@ -37,7 +37,7 @@ def tiny_vlm(request) -> VisionLanguageModel:
 
 @pytest.fixture(scope="session")
 def shipped_vlm() -> VisionLanguageModel:
-    return create_vlm("tta-world-clip")
+    return create_vlm("tta-world-vit")
 
 
 def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:

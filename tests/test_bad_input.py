@@ -59,7 +59,7 @@ def test_local_dir_without_weights(no_model_builds, tmp_path):
     folder = tmp_path / "config_only"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(
-        (SHIPPED_MODELS["tta-world-clip"] / "open_clip_config.json").read_text()
+        (SHIPPED_MODELS["tta-world-vit"] / "open_clip_config.json").read_text()
     )
     with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
         create_vlm(f"local-dir:{folder}")

@@ -157,7 +157,7 @@ def test_default_config_is_the_shipped_model_on_every_world_domain(compose):
     from tta.world import DOMAINS
 
     cfg = compose([])
-    assert cfg.model.vlm.name == "tta-world-clip"
+    assert cfg.model.vlm.name == "tta-world-vit"
     datamodule = instantiate_data(cfg)
     assert datamodule.domains == list(DOMAINS)
     assert isinstance(cfg.seed, int)

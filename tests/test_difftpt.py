@@ -180,7 +180,7 @@ def test_difftpt_adapt_selects_from_the_cosine_kept_set_and_predicts_on_the_orig
 
 @pytest.fixture(scope="module")
 def world_module():
-    return ZeroShotClassifier(create_vlm("tta-world-clip"))
+    return ZeroShotClassifier(create_vlm("tta-world-vit"))
 
 
 def predict(module, callback, n=4):

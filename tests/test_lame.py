@@ -175,7 +175,7 @@ def test_bad_arguments_are_refused_with_the_fix(kwargs):
 
 @pytest.fixture(scope="module")
 def world_module() -> ZeroShotClassifier:
-    return ZeroShotClassifier(create_vlm("tta-world-clip"))
+    return ZeroShotClassifier(create_vlm("tta-world-vit"))
 
 
 def predict(module: pl.LightningModule, callbacks: list[pl.Callback], tmp_path=None, **data_kwargs) -> list[dict]:

@@ -17,10 +17,18 @@ from open_clip.transformer import VisionTransformer
 from tta.models import create_vlm
 from tta.models.factory import SHIPPED_MODELS
 from tta.world import render_pairs, render_single
-from tta.world.evaluate import knn_agreement, print_properties, world_properties
-from tta.world.train_clip import ARCHITECTURES, make_batch, random_resized_crops, save_local_dir, train
+from tta.world.evaluate import calibrate_levels, knn_agreement, print_properties, world_properties
+from tta.world.train_clip import (
+    ARCHITECTURES,
+    camera_diversity,
+    make_batch,
+    random_resized_crops,
+    save_local_dir,
+    train,
+)
 
 TINY = {"batch_size": 8, "render_size": 64, "log_every": 0, "curve_n": 8}
+TINY_LR_STEP = 3e-3  # one AdamW step at the default peak lr, warm-up's first step included
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +55,49 @@ def test_training_is_seeded():
 
 
 def test_batches_crop_the_originals_and_noise_some_captions():
-    batch = make_batch(3, 0, 64, 0.25, 96, 64, (0.3, 1.0), caption_noise=0.5)
+    batch, affinity = make_batch(3, 0, 64, 0.25, 96, 64, (0.3, 1.0), caption_noise=0.5)
     assert batch.images.shape == (64, 3, 64, 64) and batch.images.min() >= 0 and batch.images.max() <= 1
-    clean = make_batch(3, 0, 64, 0.25, 96, 64, (0.3, 1.0), caption_noise=0.0)
+    clean, _ = make_batch(3, 0, 64, 0.25, 96, 64, (0.3, 1.0), caption_noise=0.0)
     assert torch.equal(batch.images, clean.images)  # the noise draws come after the crops'
     changed = [a != b for a, b in zip(batch.canonical, clean.canonical)]
     assert 0.25 < sum(changed) / len(changed) < 0.6  # half redrawn, a 30th of those to the same class
     for caption, canonical in zip(batch.captions, batch.canonical):
         assert canonical.removeprefix("a ").removesuffix(".") in caption
-    again = make_batch(3, 0, 64, 0.25, 96, 64, (0.3, 1.0), caption_noise=0.5)
+    # without mixup the affinity is "same content": symmetric, ones on the diagonal
+    same = torch.tensor([[a == b for b in batch.canonical] for a in batch.canonical]).float()
+    assert torch.equal(affinity, same)
+    again, _ = make_batch(3, 0, 64, 0.25, 96, 64, (0.3, 1.0), caption_noise=0.5)
     assert torch.equal(again.images, batch.images) and again.captions == batch.captions
+
+
+def test_mixup_blends_images_and_their_targets():
+    plain, same = make_batch(1, 0, 32, 0.25, 64, 64, (1.0, 1.0), 0.0)
+    mixed, affinity = make_batch(1, 0, 32, 0.25, 64, 64, (1.0, 1.0), 0.0, mixup=0.5)
+    blended = (mixed.images != plain.images).flatten(1).any(1)
+    assert 0 < blended.sum() < 32
+    retargeted = (affinity != same).any(1)
+    assert retargeted.sum() > 0 and not (retargeted & ~blended).any()  # (a partner may share the content)
+    # a blended image weighs 0.5-1 on its own content and the rest on its partner's
+    own = (affinity * same).amax(1)[retargeted]
+    assert (own >= 0.5).all() and (own < 1).all()
+
+
+def test_camera_diversity_varies_pictures_but_never_their_hue():
+    images = torch.rand(64, 3, 16, 16)
+    varied = camera_diversity(images, 0.5, torch.Generator().manual_seed(0))
+    assert varied.shape == images.shape and varied.min() >= 0 and varied.max() <= 1
+    changed = (varied - images).abs().flatten(1).amax(1) > 1e-6
+    assert 0.5 < changed.float().mean() < 1.0
+    torch.testing.assert_close(camera_diversity(images, 0.0, torch.Generator().manual_seed(0)), images)
+
+
+def test_distillation_starts_from_the_teachers_text_tower(trained, tmp_path):
+    model, log = trained
+    teacher = f"local-dir:{save_local_dir(model, tmp_path / 'teacher', log['architecture'])}"
+    student, student_log = train(tower="resnet", steps=1, teacher=teacher, **{**TINY, "log_every": 0})
+    assert student_log["teacher"] == teacher and isinstance(student.visual, ModifiedResNet)
+    # one step from the teacher's text tower (fp16 on disk): still close to it
+    torch.testing.assert_close(student.token_embedding.weight, model.token_embedding.weight, atol=TINY_LR_STEP, rtol=0)
 
 
 def test_random_resized_crops_take_a_part_of_each_image():
@@ -154,3 +195,15 @@ def test_world_properties_measure_every_domain(trained, tmp_path, capsys):
     print_properties(properties)
     table = capsys.readouterr().out
     assert all(domain in table for domain in properties["domains"]) and "shifted mean" in table
+
+
+def test_calibration_picks_levels_between_the_trials(trained, tmp_path):
+    model, log = trained
+    out = save_local_dir(model, tmp_path / "model", log["architecture"])
+    grid = {"blur": (0.5, 4.0), "hue": (0.05, 0.25)}
+    result = calibrate_levels(f"local-dir:{out}", n=8, grid=grid)
+    assert set(result) == set(grid)
+    for name, row in result.items():
+        assert len(row["accuracy"]) == 2 and len(row["levels"]) == 5
+        low, high = sorted(grid[name])
+        assert all(low <= level <= high for level in row["levels"])

@@ -44,7 +44,7 @@ def predict(module, callbacks, batch_size=4, n=6, domains=("blur",), inference_m
 
 @pytest.fixture(scope="module")
 def world_module():
-    return ZeroShotClassifier(create_vlm("tta-world-clip"))
+    return ZeroShotClassifier(create_vlm("tta-world-vit"))
 
 
 @pytest.mark.parametrize("callback_cls", [TPT, STS, ViewAverage])

@@ -58,7 +58,7 @@ def _tiny_world_views(vlm, n_images=3, n_views=16):
 
 @pytest.fixture(scope="module")
 def world_vlm():
-    return create_vlm("tta-world-clip")
+    return create_vlm("tta-world-vit")
 
 
 def test_tpt_first_adamw_step_moves_each_context_element_by_lr_times_sign(world_vlm):

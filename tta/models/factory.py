@@ -23,8 +23,11 @@ def register_model_configs() -> None:
 
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
-#: Models shipped inside the package, by name: each an open_clip ``local-dir``.
-SHIPPED_MODELS: dict[str, Path] = {"tta-world-clip": ASSET_DIR / "tta-world-clip"}
+#: Models shipped inside the package, by name: each an open_clip ``local-dir`` trained on the
+#: offline world (``tta.world.train_clip``). ``tta-world-vit`` is the default model.
+SHIPPED_MODELS: dict[str, Path] = {
+    name: ASSET_DIR / name for name in ("tta-world-vit", "tta-world-resnet", "tta-world-vit-siglip")
+}
 LOCAL_DIR = "local-dir:"
 
 
@@ -69,7 +72,7 @@ def create_vlm(
     """Build a :class:`VisionLanguageModel` from a model name plus weights.
 
     ``name``: an open_clip architecture ("ViT-B-16", "RN50", "ViT-B-16-SigLIP", the tiny test
-    configs "tta-tiny-clip" ...), a shipped model ("tta-world-clip") or "local-dir:/path".
+    configs "tta-tiny-clip" ...), a shipped model ("tta-world-vit") or "local-dir:/path".
     ``pretrained``: an open_clip tag ("openai"), a checkpoint file, or None for random weights
     (ignored for shipped and local-dir models, whose folder holds the weights).
     """

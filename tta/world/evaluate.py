@@ -65,6 +65,7 @@ def _domain_row(vlm: VisionLanguageModel, scenes: Scenes) -> dict:
     probs = logits.softmax(-1)
     confidence, pred = probs.max(-1)
     row = classification_metrics(pred, scenes.labels, confidence)
+    row["confidence"] = confidence.mean().item()
     row["knn_agreement"] = knn_agreement(features, scenes.labels)
     return row
 
@@ -174,20 +175,57 @@ def accuracy_table(
     render_size: int = ORIGINAL_SIZE,
     levels: dict[str, tuple[float, ...]] | None = None,
 ) -> dict[str, dict[str, dict]]:
-    """``{domain: {severity: {"accuracy", "ece"}}}`` ("clean" has severity 0 only). ``levels``
-    replaces a shift's severity table, to calibrate it: ``{"blur": (1.0, 1.5, ...)}``."""
+    """``{domain: {severity: {"accuracy", "ece", "confidence"}}}`` ("clean" has severity 0 only). ``levels``
+    replaces a shift's severity table by trial levels, any number, to calibrate it:
+    ``{"blur": (1.0, 1.5, ...)}`` (trial level k under the key ``str(k + 1)``)."""
     vlm = create_vlm(model)
-    table: dict[str, dict[str, dict]] = {
-        "clean": {"0": _domain_row(vlm, render_domain("clean", 1, n, seed, render_size))}
-    }
+    clean = _domain_row(vlm, render_domain("clean", 1, n, seed, render_size))
+    table: dict[str, dict[str, dict]] = {"clean": {"0": {k: clean[k] for k in ("accuracy", "ece", "confidence")}}}
     for name, shift in SHIFTS.items():
-        shift_levels = (levels or {}).get(name)
-        if shift_levels is not None:
-            shift = dataclasses.replace(shift, levels=tuple(shift_levels))
-        for severity in range(1, len(shift.levels) + 1) if shift_levels else severities:
-            row = _domain_row(vlm, render_shifted(name, shift, severity, n, seed, render_size))
-            table.setdefault(name, {})[str(severity)] = {"accuracy": row["accuracy"], "ece": row["ece"]}
+        if levels is not None and name in levels:  # trial level k as severity k + 1
+            cells = {str(k + 1): (dataclasses.replace(shift, levels=(lv,) * 5), 1) for k, lv in enumerate(levels[name])}
+        else:
+            cells = {str(s): (shift, s) for s in severities}
+        for key, (trial, severity) in cells.items():
+            row = _domain_row(vlm, render_shifted(name, trial, severity, n, seed, render_size))
+            table.setdefault(name, {})[key] = {k: row[k] for k in ("accuracy", "ece", "confidence")}
     return table
+
+
+#: Trial levels per shift, from weak to strong (in the units of ``tta.world.SHIFTS``), and the
+#: zero-shot accuracy each severity is calibrated to.
+CALIBRATION_GRID: dict[str, tuple[float, ...]] = {
+    "noise": (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.16, 0.2, 0.28, 0.4),
+    "blur": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0),
+    "contrast": (0.9, 0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.06),
+    "sketch": (16.0, 12.0, 10.0, 8.0, 6.0, 4.5, 3.5, 2.5, 1.8, 1.2),
+    "texture": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8),
+    "hue": (0.03, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.15, 0.2),
+}
+CALIBRATION_TARGETS = (0.85, 0.7, 0.5, 0.35, 0.2)
+
+
+def calibrate_levels(
+    model: str = DEFAULT_MODEL, n: int = 500, seed: int = 20_000, grid: dict[str, tuple[float, ...]] = CALIBRATION_GRID
+) -> dict[str, dict]:
+    """Each shift's zero-shot accuracy over its trial levels, and the five levels whose
+    accuracy is ``CALIBRATION_TARGETS`` (linear interpolation between trial levels; the ends of
+    the grid where a target lies outside it). Scenes of ``seed``, apart from the evaluation's."""
+    table = accuracy_table(model, n, seed=seed, levels=grid)
+    out = {}
+    for name, levels in grid.items():
+        accuracy = [table[name][str(k + 1)]["accuracy"] for k in range(len(levels))]
+        chosen = []
+        for target in CALIBRATION_TARGETS:
+            level = levels[0] if accuracy[0] <= target else levels[-1]
+            for k in range(len(levels) - 1):
+                a, b = accuracy[k], accuracy[k + 1]
+                if a >= target >= b and a > b:
+                    level = levels[k] + (a - target) / (a - b) * (levels[k + 1] - levels[k])
+                    break
+            chosen.append(round(level, 3))
+        out[name] = {"trial_levels": list(levels), "accuracy": accuracy, "levels": chosen}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,8 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--levels", type=json.loads, help="with --severities: trial severity tables, e.g. '{\"blur\": [1, 2, 3]}'"
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="instead: the severity levels at which the model's accuracy is 85/70/50/35/20%%",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        for name, row in calibrate_levels(args.model, args.n).items():
+            trials = ", ".join(f"{lv:g}: {100 * a:.1f}%" for lv, a in zip(row["trial_levels"], row["accuracy"]))
+            print(f"{name:9s} levels {tuple(row['levels'])}  (trials {trials})")
+        return
     if args.severities:
         table = accuracy_table(args.model, args.n, tuple(args.severities), levels=args.levels)
         if args.json:

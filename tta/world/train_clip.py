@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tta.models.factory import MODEL_CONFIG_DIR, register_model_configs
+from tta.models.factory import MODEL_CONFIG_DIR, create_vlm, register_model_configs
 from tta.world.scenes import CAPTION_TEMPLATES, CLASS_NAMES, REFERENCE_SIZE, Scenes, render_pairs, render_single
+from tta.world.shifts import gaussian_blur
 
 #: open_clip architecture per (image tower, loss): the CLIP-style models (InfoNCE) and the
 #: SigLIP-style ones (sigmoid loss, learned logit bias; same towers).
@@ -71,6 +72,26 @@ def random_resized_crops(
     return torch.cat(crops).clamp(0, 1)
 
 
+def camera_diversity(images: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Photographs vary: each of brightness/contrast/saturation jitter (±15%, x0.6-1.4, x0.5-1.5),
+    a slight blur (sigma 0.3-1.2 px) and sensor noise (sigma up to 0.04) hits an image with
+    probability ``p``, at a random strength. Hue never changes: colour is half of every label."""
+    n = len(images)
+    hit = torch.rand(n, 3, generator=g) < p
+    brightness = torch.where(hit[:, 0], torch.empty(n).uniform_(-0.15, 0.15, generator=g), 0.0).view(n, 1, 1, 1)
+    contrast = torch.where(hit[:, 0], torch.empty(n).uniform_(0.6, 1.4, generator=g), 1.0).view(n, 1, 1, 1)
+    saturation = torch.where(hit[:, 0], torch.empty(n).uniform_(0.5, 1.5, generator=g), 1.0).view(n, 1, 1, 1)
+    grey = images.mean(1, keepdim=True)
+    images = grey + (images - grey) * saturation
+    mean = images.mean((1, 2, 3), keepdim=True)
+    images = (images - mean) * contrast + mean + brightness
+    sigma = float(torch.empty(()).uniform_(0.3, 1.2, generator=g))  # one blur strength per batch
+    images = torch.where(hit[:, 1].view(n, 1, 1, 1), gaussian_blur(images, sigma, g), images)
+    noise = torch.randn(images.shape, generator=g) * torch.empty(n, 1, 1, 1).uniform_(0, 0.04, generator=g)
+    images = images + noise * hit[:, 2].view(n, 1, 1, 1)
+    return images.clamp(0, 1)
+
+
 def make_batch(
     step: int,
     seed: int,
@@ -80,8 +101,12 @@ def make_batch(
     image_size: int,
     crop_scale: tuple[float, float],
     caption_noise: float,
-) -> Scenes:
-    """Step ``step``'s batch: scenes, crops and caption noise drawn from ``seed`` and ``step``."""
+    diversity: float = 0.0,
+    mixup: float = 0.0,
+) -> tuple[Scenes, torch.Tensor]:
+    """Step ``step``'s batch (scenes, crops, camera diversity, caption noise and mixup drawn
+    from ``seed`` and ``step``) and its ``B x B`` image-caption affinity: 1 where caption j
+    describes the content of image i, fractions for mixed images."""
     n_pairs = int(batch_size * pair_fraction)
     base = seed * 1_000_003 + step * 2
     single = render_single(batch_size - n_pairs, base, render_size)
@@ -96,19 +121,30 @@ def make_batch(
         captions[i] = CAPTION_TEMPLATES[template[i]].format(CLASS_NAMES[other[i]])
         canonical[i] = f"a {CLASS_NAMES[other[i]]}."
     labels = torch.cat([single.labels, pairs.labels])
-    return Scenes(images, labels, captions, canonical, torch.cat([single.boxes, pairs.boxes]))
+    if diversity > 0:
+        images = camera_diversity(images, diversity, g)
+    ids = {c: i for i, c in enumerate(dict.fromkeys(canonical))}
+    content = torch.tensor([ids[c] for c in canonical])
+    same = (content[:, None] == content[None, :]).float()
+    # mixup: a fraction of the images blended with another image of the batch, weight 0.5-1 on its own
+    mixed = torch.rand(batch_size, generator=g) < mixup
+    partner = torch.randperm(batch_size, generator=g)
+    weight = torch.where(mixed, torch.empty(batch_size).uniform_(0.5, 1.0, generator=g), 1.0)
+    images = weight.view(-1, 1, 1, 1) * images + (1 - weight.view(-1, 1, 1, 1)) * images[partner]
+    affinity = weight[:, None] * same + (1 - weight[:, None]) * same[partner]
+    return Scenes(images, labels, captions, canonical, torch.cat([single.boxes, pairs.boxes])), affinity
 
 
 def soft_clip_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, canonical: list[str]
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, affinity: torch.Tensor
 ) -> torch.Tensor:
-    """Symmetric InfoNCE where every caption with the same content is a positive."""
-    ids = {c: i for i, c in enumerate(dict.fromkeys(canonical))}
-    content = torch.tensor([ids[c] for c in canonical])
-    target = (content[:, None] == content[None, :]).float()
-    target = target / target.sum(1, keepdim=True)
+    """Symmetric InfoNCE with soft targets: image i's targets are the captions in proportion to
+    ``affinity[i]`` (every caption with the same content is a positive), caption j's the images
+    in proportion to ``affinity[:, j]``."""
     logits = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    image_to_text = affinity / affinity.sum(1, keepdim=True)
+    text_to_image = affinity.T / affinity.T.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, image_to_text) + F.cross_entropy(logits.T, text_to_image))
 
 
 def soft_sigmoid_loss(
@@ -116,14 +152,12 @@ def soft_sigmoid_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
-    canonical: list[str],
+    affinity: torch.Tensor,
 ) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss where every caption with the same content is a positive."""
-    ids = {c: i for i, c in enumerate(dict.fromkeys(canonical))}
-    content = torch.tensor([ids[c] for c in canonical])
-    signs = 2 * (content[:, None] == content[None, :]).float() - 1
+    """SigLIP's pairwise sigmoid loss with the affinity as the pair's label (1: every caption
+    with the same content is a positive; fractions for mixed images)."""
     logits = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return -F.logsigmoid(signs * (logits + logit_bias)).sum() / len(logits)
+    return F.binary_cross_entropy_with_logits(logits + logit_bias, affinity, reduction="sum") / len(logits)
 
 
 @torch.no_grad()
@@ -148,6 +182,10 @@ def train(
     render_size: int = 96,
     crop_scale: tuple[float, float] = (0.3, 1.0),
     caption_noise: float = 0.05,
+    diversity: float = 0.0,
+    mixup: float = 0.0,
+    teacher: str | None = None,
+    distill_weight: float = 1.0,
     seed: int = 0,
     log_every: int = 50,
     curve_n: int = 300,
@@ -155,16 +193,34 @@ def train(
     """Train the ``tower`` ("vit" or "resnet") world CLIP from scratch with ``loss`` ("infonce":
     CLIP-style, "sigmoid": SigLIP-style); returns the model (eval mode) and the run's log,
     whose ``curve`` holds one row per ``log_every`` steps (0: only the final row), with the
-    clean accuracy on ``curve_n`` unseen scenes."""
+    clean accuracy on ``curve_n`` unseen scenes.
+
+    ``diversity``: probability of each camera variation (:func:`camera_diversity`); ``mixup``:
+    fraction of images blended with another one, their targets in proportion. ``teacher`` (a
+    model name for ``create_vlm``): distil its image embeddings into this model (DeiT's remedy
+    for a ViT's hunger for data): the text tower and logit scale start from the teacher's, and
+    ``distill_weight`` x (1 - cosine to the teacher's embedding of the same picture) joins the loss.
+    """
     if (tower, loss) not in ARCHITECTURES:
         raise ValueError(f"tower must be one of {TOWERS} and loss one of {LOSSES}, got {tower!r}, {loss!r}")
-    if not 0 <= caption_noise < 1:
-        raise ValueError(f"caption_noise is a probability in [0, 1), got {caption_noise}")
+    for name, value in (("caption_noise", caption_noise), ("diversity", diversity), ("mixup", mixup)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} is a probability in [0, 1), got {value}")
     architecture = ARCHITECTURES[tower, loss]
     register_model_configs()
     torch.manual_seed(seed)
     model = open_clip.create_model(architecture)
     tokenizer = open_clip.get_tokenizer(architecture)
+    teacher_vlm = None
+    if teacher is not None:
+        teacher_vlm = create_vlm(teacher)
+        own = model.state_dict()
+        shared = {
+            k: v
+            for k, v in teacher_vlm.model.state_dict().items()
+            if not k.startswith("visual.") and k in own and own[k].shape == v.shape
+        }
+        model.load_state_dict(shared, strict=False)
     image_size = model.visual.preprocess_cfg["size"]
     image_size = image_size if isinstance(image_size, int) else image_size[0]
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
@@ -182,15 +238,19 @@ def train(
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        batch = make_batch(step, seed, batch_size, pair_fraction, render_size, image_size, crop_scale, caption_noise)
+        batch, affinity = make_batch(
+            step, seed, batch_size, pair_fraction, render_size, image_size, crop_scale, caption_noise, diversity, mixup
+        )
         image_features = model.encode_image((batch.images - mean) / std)
         text_features = model.encode_text(tokenizer(batch.captions))
         if loss == "sigmoid":
-            value = soft_sigmoid_loss(
-                image_features, text_features, model.logit_scale, model.logit_bias, batch.canonical
-            )
+            value = soft_sigmoid_loss(image_features, text_features, model.logit_scale, model.logit_bias, affinity)
         else:
-            value = soft_clip_loss(image_features, text_features, model.logit_scale, batch.canonical)
+            value = soft_clip_loss(image_features, text_features, model.logit_scale, affinity)
+        if teacher_vlm is not None:
+            with torch.no_grad():
+                target = teacher_vlm.encode_image(batch.images)
+            value = value + distill_weight * (1 - (F.normalize(image_features, dim=-1) * target).sum(-1)).mean()
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
@@ -226,6 +286,10 @@ def train(
         "render_size": render_size,
         "crop_scale": list(crop_scale),
         "caption_noise": caption_noise,
+        "diversity": diversity,
+        "mixup": mixup,
+        "teacher": teacher,
+        "distill_weight": distill_weight if teacher is not None else None,
         "seed": seed,
         "threads": torch.get_num_threads(),
         "train_wall_s": time.perf_counter() - start,
@@ -265,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.3, 1.0), help="training crops' area range")
     parser.add_argument("--caption-noise", type=float, default=0.05, help="fraction of captions naming another class")
+    parser.add_argument("--diversity", type=float, default=0.0, help="probability of each camera variation")
+    parser.add_argument("--mixup", type=float, default=0.0, help="fraction of images blended with another")
+    parser.add_argument("--teacher", help="a model to distil image embeddings from (e.g. tta-world-resnet)")
+    parser.add_argument("--distill-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-n", type=int, default=1000, help="scenes per domain for the evaluation table")
@@ -277,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         crop_scale=tuple(args.crop_scale),
         caption_noise=args.caption_noise,
+        diversity=args.diversity,
+        mixup=args.mixup,
+        teacher=args.teacher,
+        distill_weight=args.distill_weight,
         seed=args.seed,
         log_every=args.log_every,
     )
