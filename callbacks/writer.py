@@ -22,6 +22,7 @@ import ctypes
 import gc
 import io
 import json
+import logging
 import os
 import re
 import resource
@@ -33,9 +34,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import Logger
 from typing_extensions import override
 
 TIMING_COLUMNS = ("index", "ms", "adapt_ms")
+log = logging.getLogger(__name__)
+
 #: metrics.json keys that depend on the machine and the moment, not on the predictions.
 TIMING_KEYS = ("ms_per_sample", "adapt_ms_per_sample", "peak_mem_mb")
 
@@ -279,17 +283,27 @@ class PredictionWriter(pl.Callback):
                 "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
                 "or write to an empty directory"
             )
+        if done:
+            total = datamodule.stream_sampler().n_batches if hasattr(datamodule, "stream_sampler") else None
+            if total is not None and done >= total:
+                log.info("%s: already finished (%d batches); metrics recomputed from its rows", directory, done)
+            else:
+                log.info(
+                    "%s: resuming after batch %d of %s; the finished batches' rows are kept", directory, done, total
+                )
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reset_peak_memory(pl_module.device)
         self._pending = None
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.run_info or json.loads(self._key(trainer, pl_module)))
 
     @override
     def on_predict_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._flush(pl_module, time.perf_counter())
+        self._flush(trainer, pl_module, time.perf_counter())
         self._pending = (None, time.perf_counter(), 0)  # after the flush: this writer's I/O is in no batch's ms
 
     @override
@@ -307,7 +321,7 @@ class PredictionWriter(pl.Callback):
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(pl_module, time.perf_counter())
+        self._flush(trainer, pl_module, time.perf_counter())
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -334,6 +348,7 @@ class PredictionWriter(pl.Callback):
             skipped = sum(state["skipped_images"] for state in states)
             self.metrics = self._compute_metrics(trainer, pl_module, peak, skipped)
             _write_json_atomic(self.metrics_path, self.metrics)
+            log_final_metrics(trainer.loggers, self.metrics)
         trainer.strategy.barrier("tta-prediction-writer-done")
 
     def _key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
@@ -365,7 +380,7 @@ class PredictionWriter(pl.Callback):
                 "empty directory"
             )
 
-    def _flush(self, pl_module: pl.LightningModule, now: float) -> None:
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float) -> None:
         if self._pending is None or self._pending[0] is None:
             return
         outputs, started, skipped = self._pending
@@ -375,16 +390,23 @@ class PredictionWriter(pl.Callback):
         rows = pl_module.prediction_rows(outputs) if n else []
         ms = (now - started) * 1000 / max(1, n)
         adapt_ms = outputs.get("adapt_ms")
+        # adaptation that ran before the batches (a set-level method's fit) is in no batch's
+        # wall time: each sample's share of it is added, so ms always includes adapt_ms
+        fit_ms = outputs.get("fit_ms")
         timing = [
             {
                 "index": row["index"],
-                "ms": f"{ms:.4f}",
+                "ms": f"{ms + (float(fit_ms[i]) if fit_ms is not None else 0.0):.4f}",
                 "adapt_ms": f"{float(adapt_ms[i]):.4f}" if adapt_ms is not None else f"{0.0:.4f}",
             }
             for i, row in enumerate(rows)
         ]
         self._part.append(rows, timing, skipped)
         self._count_progress(pl_module, [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows])
+        if self.progress:
+            step = len(self._part.batches)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"running/{name}": value for name, value in self.progress.items()}, step=step)
 
     def _count_progress(self, pl_module: pl.LightningModule, rows: list[dict[str, str]]) -> None:
         for row in rows:
@@ -436,10 +458,29 @@ class PredictionWriter(pl.Callback):
         if self.run_info is not None:
             metrics["run"] = self.run_info
         for name, values in domains.items():
-            picked = [t for t, r in zip(ms, rows) if r["domain"] == name]
-            values["ms_per_sample"] = sum(picked) / max(1, len(picked))
+            picked = [(t, a) for t, a, r in zip(ms, adapt_ms, rows) if r["domain"] == name]
+            values["ms_per_sample"] = sum(t for t, _ in picked) / max(1, len(picked))
+            values["adapt_ms_per_sample"] = sum(a for _, a in picked) / max(1, len(picked))
         metrics["domains"] = domains
         return metrics
+
+
+def log_final_metrics(loggers: Sequence[Logger], metrics: dict[str, Any]) -> None:
+    """The run's numeric metrics, overall (``all/<name>``) and per domain (``<domain>/<name>``),
+    through Lightning's logger API; then the loggers are saved and finalised."""
+    if not loggers:
+        return
+    flat = {f"all/{k}": float(v) for k, v in metrics.items() if _is_number(v)}
+    for domain, values in metrics["domains"].items():
+        flat |= {f"{domain}/{k}": float(v) for k, v in values.items() if _is_number(v)}
+    for logger in loggers:
+        logger.log_metrics(flat)
+        logger.save()
+        logger.finalize("success")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _method_name(trainer: pl.Trainer) -> str:

@@ -54,6 +54,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 CACHE_FORMAT = 1  # bump when the stored layout changes
 
 
+def require_difftpt_extra() -> None:
+    """One line naming the extra to install when diffusers or transformers is missing (they are
+    not installed by default: only DiffTPT needs them)."""
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"DiffTPT needs diffusers and transformers ({error}): install the extra with pip install 'tta[difftpt]'"
+        ) from error
+
+
 def tiny_image_variation_pipeline(seed: int = 0):
     """A ``StableDiffusionImageVariationPipeline`` with tiny random weights: 32 px CLIP input,
     16 x 16 latents (32 px output), a two-block UNet. Built with a fixed seed, without download."""
@@ -168,6 +180,7 @@ class DiffusionViewGenerator:
             raise ValueError(f"height and width must be multiples of 8 (or None), got {height} and {width}")
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        require_difftpt_extra()
         if scheduler is not None:
             import diffusers
 

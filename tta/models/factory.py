@@ -85,5 +85,10 @@ def create_vlm(
             ) from error
         raise
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    try:
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except ImportError as error:  # Hugging Face tokenizers (SigLIP) need transformers, an extra
+        raise ImportError(
+            f"{name}'s tokenizer needs transformers ({error}): install the extra with pip install 'tta[siglip]'"
+        ) from error
     return VisionLanguageModel(model, tokenizer, dict(model.visual.preprocess_cfg), name).to(device)
