@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 GROUPS = ("model", "data", "tta", "trainer", "logger", "experiment")
 WIDTH = 80
 USAGE = """\
-usage: tta-predict [-m] [KEY=VALUE ...]  (Hydra overrides; -m: sweep a,b,c values)
+usage: tta-predict [-m] [KEY=VALUE ...]  (Hydra overrides; -m sweeps a,b,c)
        tta-predict list | --help         (this text)
        tta-report DIR [--compare-published]
 
