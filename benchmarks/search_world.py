@@ -124,6 +124,7 @@ def main() -> None:
         for name, result in results.items():
             row[name] = result
         rows.append(row)
+        write_episode_csv(rows, args.out.with_name(args.out.stem + "_episodes.csv"))  # kept if the run is cut short
         print(
             f"episode {k}: {row['n_targets']} targets, map AUROC {row['map_auroc']:.2f}, found "
             + ", ".join(f"{r.found}" for r in results.values()),
@@ -134,7 +135,6 @@ def main() -> None:
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    write_episode_csv(rows, args.out.with_name(args.out.stem + "_episodes.csv"))
 
 
 def write_episode_csv(rows: list[dict], path: Path) -> None:
