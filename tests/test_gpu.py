@@ -58,9 +58,12 @@ METHODS = ("none", "views", "tpt", "sts", "lame", "sts_lame", "difftpt", "ttm", 
 #: fp32 on the device against fp32 on the CPU (cuDNN's TF32 convolutions turned off for it).
 FP32_AGREEMENT = 0.99
 FP32_LOGIT_ATOL = 1e-2  # logit units; the shipped model's logit scale is 17.5
-#: bf16 / fp16 against fp32 on the same device: a check that half precision is not broken
-#: (NaN, overflow, a lost loss scale), not a bound on its rounding.
-HALF_AGREEMENT = 0.8
+#: bf16 / fp16 against fp32 on the same device, per kind of prediction: a check that half
+#: precision is not broken (garbage logits, a lost loss scale), not a bound on its rounding.
+#: Measured on the CPU in bf16 at the GPU variant's sizes (docs/benchmarks.md): classes 96.9% at
+#: the least (views), TTM's group metrics 82.5% (many near-tied groups), search 2 of 2 episodes.
+HALF_AGREEMENT = {"classes": 0.8, "groups": 0.6, "episodes": 0.5}
+PREDICTION_KIND = {"ttm": "groups", "search_tta": "episodes"}  # the other methods predict classes
 #: search results compared between runs
 SEARCH_COLUMNS = ("found", "steps_first", "steps_middle", "steps_last")
 
@@ -373,7 +376,8 @@ def test_every_method_on_the_device(device, precision, method, probes, tmp_path)
             fp32_command = [*method_overrides(method, scale, "32-true"), *trainer_overrides(device, "32-true")]
             fp32 = probes.predict(fp32_command, tmp_path / "fp32")
         same, _ = agreement(result, fp32)
-        assert same >= HALF_AGREEMENT, f"{command_line}: same predictions as fp32 on {same:.1%} only"
+        needed = HALF_AGREEMENT[PREDICTION_KIND.get(method, "classes")]
+        assert same >= needed, f"{command_line}: same predictions as fp32 on {same:.1%} only (need {needed:.0%})"
 
 
 @pytest.mark.parametrize("device", DEVICES)
