@@ -11,8 +11,8 @@ Each run composes the config that ``tta-predict`` composes from the same command
 - the tensors that matter are on the device: every image the towers encode (the views and the
   diffusion views among them), the view features, the prompt contexts and the prompt learner's
   stored embeddings, the diffusion views, the cached class features, STS's class features and
-  basis, LAME's outputs, TTM's scores, Search-TTA's cell features and maps, and the logits or
-  scores that are written out;
+  basis, LAME's outputs, TTM's scores, the cell features of Search-TTA's adapted tower, and the
+  logits or scores that are written out;
 - under autocast the view features are in the autocast dtype and the learnable contexts in fp32;
   under fp16 the gradient steps of TPT and DiffTPT go through a loss scaler;
 - the model handed to ``Trainer.predict`` is bitwise unchanged afterwards, without gradients;
@@ -149,7 +149,7 @@ METHOD_PROBES = {
     "sts_lame": {"class features", "view features", "method state", "LAME"},
     "difftpt": {"class features", "view features", "method state", "prompt", "diffusion views"},
     "ttm": {"text tower", "TTM scores"},
-    "search_tta": {"Search-TTA maps"},
+    "search_tta": {"Search-TTA cells"},
 }
 
 
@@ -218,8 +218,8 @@ class Probes:
         self.watch(DiffusionViewGenerator, "views", lambda a, r: self.run.record("diffusion views", a[1], r))
         self.watch(LAME, "process_batch", lambda a, r: self.run.record("LAME", r))
         self.watch(ttm_methods.TestTimeMatching, "score_groups", lambda a, r: self.run.record("TTM scores", a[1], r))
-        for name in ("encode_cells", "observe"):
-            self.watch(search_methods.SearchTTASession, name, lambda a, r: self.run.record("Search-TTA maps", r))
+        # the planner's map is small and walked in Python on the host (planner_map), by design
+        self.watch(search_methods.SearchTTASession, "encode_cells", lambda a, r: self.run.record("Search-TTA cells", r))
         for task in (ClassifierPredictions, GroupScorer, SearchEpisodeRunner):
             self.watch(task, "prediction_rows", self._outputs)
         original_predict = pl.Trainer.predict
