@@ -124,10 +124,11 @@ class TextTower:
         ``prefix`` (B x P x W): the embeddings of each prompt set's shared first positions;
         ``suffixes`` (C x S x W): the embeddings of the rest of each prompt, the same for every
         prefix; ``pool_positions`` (C): the position each prompt's features are read from, counted
-        from the start of the whole prompt, each at least P. The prefix positions run once per
-        prompt set (B x P tokens instead of B x C x P); the suffixes attend to their keys and
-        values. Needs :attr:`shares_prefix` (a causal mask and open_clip's default blocks).
-        ``checkpoint`` as in :meth:`__call__`.
+        from the start of the whole prompt, each at least P (not checked here, where reading it
+        would wait for the device on every call; ``PromptLearner`` checks it once). The prefix
+        positions run once per prompt set (B x P tokens instead of B x C x P); the suffixes
+        attend to their keys and values. Needs :attr:`shares_prefix` (a causal mask and
+        open_clip's default blocks). ``checkpoint`` as in :meth:`__call__`.
         """
         if not self.shares_prefix:
             raise ValueError(
@@ -136,8 +137,6 @@ class TextTower:
             )
         src = self._source
         n_prefix, n_suffix = prefix.shape[1], suffixes.shape[1]
-        if int(pool_positions.min()) < n_prefix:
-            raise ValueError("every pooled position must lie after the shared prefix")
         length = n_prefix + n_suffix
         cast_dtype = src.transformer.get_cast_dtype()
         positions = src.positional_embedding[:length].to(cast_dtype)
