@@ -26,6 +26,16 @@ torch.set_num_threads(1)
 TINY_MODELS = ("tta-tiny-clip", "tta-tiny-customtext", "tta-tiny-sigmoid")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` (the GPU tier, ``pytest -m gpu``) are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the GPU tier: pytest -m gpu on a machine with one)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def make_tiny_vlm(name: str, seed: int = 0) -> VisionLanguageModel:
     torch.manual_seed(seed)
     return create_vlm(name)
