@@ -240,7 +240,9 @@ def test_damaged_cache_files_are_regenerated_with_a_warning_naming_them(world_mo
     header.write_bytes(bytes(data))
     data = bytearray(pixels.read_bytes())
     size = 3 * 3 * 64 * 64  # the views: 3 x 3 x 64 x 64 uint8, after the header
-    data[-size:] = torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    data[-size:] = (
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     pixels.write_bytes(bytes(data))
     swapped.write_bytes(other.read_bytes())
 
