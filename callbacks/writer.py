@@ -296,21 +296,17 @@ class PredictionWriter(pl.Callback):
             directory = self.output_dir / "parts" / f"rank{self._rank}of{self._world_size}"
             if self._rank == 0:
                 self._run_lock = DirectoryLock(self.output_dir).acquire()
-        try:
-            self._check_world_size()
-            self._run = self.run_key if self.run_key is not None else run_settings(trainer, pl_module, self.seed)
-            self._part = RunPart(directory, self._run, pl_module.prediction_columns)
-            done = self._part.open()
-        except BaseException:
-            self._release()
-            raise
+        # on an error from here on, Lightning calls on_exception, which lets the folder go
+        self._check_world_size()
+        self._run = self.run_key if self.run_key is not None else run_settings(trainer, pl_module, self.seed)
+        self._part = RunPart(directory, self._run, pl_module.prediction_columns)
+        done = self._part.open()
         self._progress_sums = {}
         self._count_progress(pl_module, read_rows(self._part.predictions))
         datamodule = trainer.datamodule
         if hasattr(datamodule, "resume_from_batch"):
             datamodule.resume_from_batch(done)  # 0 too: a datamodule reused from a resumed run starts over
         elif done:
-            self._release()
             raise ValueError(
                 f"{self.output_dir} holds {done} finished batches but {type(datamodule).__name__} "
                 "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
@@ -367,6 +363,11 @@ class PredictionWriter(pl.Callback):
             self._part.abort()
             self._part = None
         self._release()
+        if isinstance(exception, RunStopped):
+            # the DDP processes this one started stop after their own batch: wait for them, so that
+            # a rerun finds their part directories free
+            for process in getattr(trainer.strategy.launcher, "procs", []):
+                process.wait()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
