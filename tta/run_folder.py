@@ -224,6 +224,21 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _layout_problem(state: dict[str, Any]) -> str:
+    """What is wrong with the layout of a ``progress.json`` (``""``: nothing)."""
+    keys = ("run", "columns", "batches", PREDICTIONS, TIMING, "skipped_images", "skipped_paths")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for name in (PREDICTIONS, TIMING):
+        extents = state[name]
+        if not isinstance(extents, list) or len(extents) != len(state["batches"]):
+            return f"{name}: not one record per batch"
+        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and e[0] >= 0 for e in extents):
+            return f"{name}: a record that is not [bytes, sha256]"
+    return ""
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -284,29 +299,25 @@ class RunPart:
                 f"{self.progress} was written by another version of tta (format {state.get('format')}, this one "
                 f"reads {PROGRESS_FORMAT}): finish it with that version, or move {self.directory} aside"
             )
-        if state.get("run") != self.run:
-            found = _describe_differences(state.get("run"), self.run)
+        problem = _layout_problem(state)
+        if problem:
+            raise RunFolderError(
+                f"{self.progress} is damaged ({problem}): move {self.directory} aside (or delete it) and rerun "
+                "to start over"
+            )
+        if state["run"] != self.run:
+            found = _describe_differences(state["run"], self.run)
             raise RunFolderError(
                 f"{self.directory} holds the results of a different run ({found}): "
                 "resume it with the same settings, or write to another directory (tta-predict: hydra.run.dir=...)"
             )
         if self.columns is None:
-            self.columns = tuple(state.get("columns", ()))
-        elif tuple(state.get("columns", ())) != self.columns:
+            self.columns = tuple(state["columns"])
+        elif tuple(state["columns"]) != self.columns:
             raise RunFolderError(
-                f"{self.predictions} has the columns {state.get('columns')}, not {list(self.columns)}: "
+                f"{self.predictions} has the columns {state['columns']}, not {list(self.columns)}: "
                 "write to another directory"
             )
-        try:
-            rows, extents = state["batches"], {name: state[name] for name in (PREDICTIONS, TIMING)}
-            if any(len(extents[name]) != len(rows) for name in extents):
-                raise ValueError("one record per batch expected")
-            int(state["skipped_images"]), list(state["skipped_paths"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise RunFolderError(
-                f"{self.progress} is damaged ({type(error).__name__}: {error}): move {self.directory} aside "
-                "(or delete it) and rerun to start over"
-            ) from None
         return state
 
     def verified_ends(self, state: dict[str, Any]) -> dict[str, int]:
