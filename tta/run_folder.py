@@ -543,6 +543,7 @@ class StopSignals:
     def restore(self) -> None:
         """Put back the handlers found at :meth:`install`, where ours is still the one installed."""
         for signum, previous in self._previous.items():
-            if signal.getsignal(signum) == self._handle:
+            # None: a handler set outside Python, which cannot be put back from here
+            if signal.getsignal(signum) == self._handle and previous is not None:
                 signal.signal(signum, previous)
         self._previous = {}
