@@ -92,6 +92,7 @@ class ImageNetCDataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         self.root = Path(root).expanduser()
         self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
@@ -129,6 +130,7 @@ class ImageNetCDataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )
 
 

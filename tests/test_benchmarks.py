@@ -144,7 +144,8 @@ def test_undecodable_images_are_skipped_and_counted(image_tree):
     )
     datamodule = ImageFolderDataModule(image_tree, image_size=8, batch_size=2, stream="sorted")
     found = batches(datamodule)
-    assert all(set(b) == {"image", "label", "index", "domain", "skipped_images"} for b in found)
+    assert all(set(b) == {"image", "label", "index", "domain", "skipped_images", "skipped_paths"} for b in found)
+    assert sorted(p.rsplit("/", 1)[-1] for b in found for p in b["skipped_paths"]) == ["broken.jpg", "truncated.png"]
     index = torch.cat([b["index"] for b in found]).tolist()
     assert len(index) == len(datamodule.dataset) - 2 and sum(b["skipped_images"] for b in found) == 2
     paths = [datamodule.dataset.samples[i][0].name for i in index]
