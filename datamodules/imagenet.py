@@ -126,6 +126,7 @@ class ImageNetDataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         _, class_names = imagenet_classes(variant)
         self.root, self.variant = Path(root).expanduser(), variant
@@ -141,6 +142,7 @@ class ImageNetDataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )
 
 
@@ -159,6 +161,7 @@ class ImageNetV2DataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         _, class_names = imagenet_classes("imagenet")
         self.root = Path(root).expanduser()
@@ -174,4 +177,5 @@ class ImageNetV2DataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )

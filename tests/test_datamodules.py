@@ -18,9 +18,9 @@ def predict_batches(datamodule):
 
 
 def assert_batch_contract(batch, image_size):
-    # file-based datamodules add how many of the batch failed to decode
-    assert set(batch) - {"skipped_images"} == {"image", "label", "index", "domain"}
-    assert batch.get("skipped_images", 0) == 0
+    # file-based datamodules add how many of the batch failed to decode, and which files
+    assert set(batch) - {"skipped_images", "skipped_paths"} == {"image", "label", "index", "domain"}
+    assert batch.get("skipped_images", 0) == 0 and batch.get("skipped_paths", []) == []
     image = batch["image"]
     assert image.dtype == torch.float32
     assert image.shape[1:] == (3, image_size, image_size)

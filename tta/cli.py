@@ -6,15 +6,18 @@
     tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
     tta-predict list                              # config groups, every method's options, the cards
 
-Start-up is kept short: this module imports only Hydra and OmegaConf; torch, Lightning and
-open_clip are imported by :func:`run`, after Hydra has composed the config (so ``--help``, a
-config error or ``list`` answer in about a second).
+The run directory is locked for the whole run and checked before anything is written in it
+(its config record ``.hydra/`` included, which this command writes itself once the check
+passed). SIGTERM or SIGINT stops after the current batch, with exit code 143 or 130.
+
+Start-up is kept short: this module imports only Hydra, OmegaConf and the standard library;
+torch, Lightning and open_clip are imported by :func:`run`, after the config is composed and
+checked (so ``--help``, ``list`` and a config error answer in about a second).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -26,8 +29,11 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tta.run_folder import DirectoryLock, RunFolderError, RunStopped, check_run_directory, make_directory, write_atomic
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -40,14 +46,23 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError)
 log = logging.getLogger("tta.cli")
 
 
-def run_key(cfg: DictConfig) -> str:
-    """What makes two runs the same run (for resuming): the config, display options aside."""
+def run_key(cfg: DictConfig) -> dict[str, Any]:
+    """What makes two runs the same run (for resuming): the resolved config, display options
+    and loggers aside (where results are also logged does not change them)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("print_table", None)
+    config.pop("logger", None)
     config.get("trainer", {}).pop("enable_progress_bar", None)
-    config.pop("logger", None)  # where results are also logged does not change them
-    text = OmegaConf.to_yaml(OmegaConf.create(config), sort_keys=True)
-    return "config sha256 " + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return config
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values the config leaves unset (``???``) and a seed that is no integer, as one line each."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{missing[0]} is not set: add {missing[0]}=<value> to the command")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}: set seed=<integer>, e.g. seed=0")
 
 
 def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -98,6 +113,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     batches (a stopped run, same config), prediction resumes after them; a finished run is
     not predicted again.
     """
+    check_config(cfg)
     import pytorch_lightning as pl
 
     from tta.callbacks import PredictionWriter, TTAProgressBar
@@ -239,27 +255,83 @@ def _user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, USER_ERRORS) else None
 
 
-def _stop(message: Any) -> None:
+def write_config_record(output_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them, written
+    here (``hydra.output_subdir`` is null) so that a refused run leaves the folder's record alone."""
+    hydra_cfg = HydraConfig.instance().cfg
+    record = output_dir / ".hydra"
+    make_directory(record)
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        write_atomic(record / name, OmegaConf.to_yaml(node))
+
+
+class RunDirectoryCheck(Callback):
+    """Hydra callback: the run (or sweep) directory can be created and written, checked before
+    Hydra creates it, so that a path under a file or in a read-only place is one line, exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, setting: str) -> None:
+        try:
+            make_directory(Path(directory))
+        except RunFolderError as error:
+            _fail(f"{error} ({setting})")
+
+
+def _fail(message: Any, exit_code: int = 2, label: str = "error: ") -> None:
+    """Print one line on stderr and exit."""
     from rich.console import Console
     from rich.markup import escape
 
     Console(stderr=True).print(
-        f"[bold red]tta-predict: error:[/] {escape(str(message))}", highlight=False, soft_wrap=True
+        f"[bold red]tta-predict: {label}[/]{escape(str(message))}", highlight=False, soft_wrap=True
     )
-    sys.exit(2)
+    sys.exit(exit_code)
+
+
+def _launching_process() -> bool:
+    """Whether this is the process the user started, not a DDP rank > 0 that Lightning (or
+    SLURM) started: the rank variables Lightning reads, without importing it (start-up time)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key]) == 0
+    return True
 
 
 @hydra.main(config_path="pkg://tta.configs", config_name="predict", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("run directory: %s", output_dir)
+    # the processes that Lightning (or SLURM) starts for DDP ranks > 0 run this too: the
+    # launching process alone owns the directory and its record
+    launching = _launching_process()
     try:
-        metrics = run(cfg, output_dir)
+        check_config(cfg)
+        with DirectoryLock(output_dir) if launching else contextlib.nullcontext():
+            if launching:
+                check_run_directory(output_dir, run_key(cfg))
+                write_config_record(output_dir, cfg)
+                log.info("run directory: %s", output_dir)
+            metrics = run(cfg, output_dir)
+    except RunStopped as stop:
+        if not launching:
+            sys.exit(stop.exit_code)
+        _fail(stop, stop.exit_code, label="")
+    except KeyboardInterrupt:  # Ctrl-C before the first batch or after the last: nothing half-written
+        _fail("stopped by SIGINT; rerun the same command to resume", 130, label="")
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
             raise
-        _stop(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
+        _fail(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
     if metrics is None:  # a DDP rank other than 0: rank 0 reports
         return
     if cfg.print_table:
