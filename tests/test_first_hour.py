@@ -39,6 +39,25 @@ def test_importing_the_cli_imports_no_heavy_library():
     assert done.stdout.strip() == "[]"
 
 
+def test_the_report_imports_no_torch():
+    done = python(f"import sys, tta.report; print([m for m in {HEAVY[:3]!r} if m in sys.modules])")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_reports_reliability_bins_give_the_metrics_ece():
+    import numpy as np
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    from tta.metrics.calibration import reliability
+
+    g = np.random.default_rng(0)
+    confidence = np.concatenate([g.random(500), np.linspace(0, 14 / 15, 15)])  # inner edges included
+    correct = g.random(len(confidence)) < confidence
+    expected = binary_calibration_error(torch.tensor(confidence), torch.tensor(correct).long(), n_bins=15, norm="l1")
+    assert reliability(confidence, correct).ece == pytest.approx(float(expected), abs=1e-12)
+
+
 def test_help_and_list_answer_without_importing_torch():
     for flag in ("--help", "list"):
         done = python(
@@ -163,22 +182,26 @@ def test_cli_log_holds_the_runs_log(quick_run):
 
 
 def test_a_resumed_run_says_where_it_resumes(tmp_path, caplog):
-    class StopAfter(pl.Callback):
+    class StopAfterOneBatch(pl.Callback):  # no constructor settings: the same run key when disarmed
+        armed = False
+
         def on_predict_batch_end(self, trainer, *args, **kwargs):
-            if trainer.predict_loop.batch_progress.current.completed >= 1:
+            if self.armed and trainer.predict_loop.batch_progress.current.completed >= 1:
                 raise RuntimeError("stopped")
 
-    def run(extra):
+    def run(armed):
+        stop = StopAfterOneBatch()
+        stop.armed = armed
         vlm = create_vlm("tta-world-clip")
         data = WorldDataModule(domains=["clean"], n_per_domain=30, batch_size=8)
-        trainer = pl.Trainer(logger=False, callbacks=[*extra, PredictionWriter(tmp_path, seed=0)],
+        trainer = pl.Trainer(logger=False, callbacks=[stop, PredictionWriter(tmp_path, seed=0)],
                              enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         trainer.predict(ZeroShotClassifier(vlm), datamodule=data, return_predictions=False)
 
     with pytest.raises(RuntimeError, match="stopped"):
-        run([StopAfter()])  # batch 0's rows are written when batch 1 starts; batch 1's are lost
+        run(armed=True)  # batch 0's rows are written when batch 1 starts; batch 1's are lost
     with caplog.at_level("INFO", logger="tta"):
-        run([])
+        run(armed=False)
     assert "resuming after batch 1 of 4" in caplog.text, caplog.text
 
 

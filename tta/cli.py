@@ -336,7 +336,8 @@ def _main(cfg: DictConfig) -> None:
         return
     if cfg.print_table:
         log.info("results:\n%s", render(metrics_tables(metrics)))
-    written = sorted(p.name for p in output_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    # the lock is the run's, not a result
+    written = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name[0] != "." and p.name != "run.lock")
     log.info("wrote %s in %s", ", ".join(written), output_dir)
 
 
