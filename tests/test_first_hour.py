@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import console_script, run_script
 
-from tta.callbacks import PredictionWriter, TTAProgressBar
+from tta.callbacks import PredictionWriter
 from tta.cli import default_threads, metrics_tables, render, set_threads
 from tta.config_help import GROUPS, describe, method_options
 from tta.datamodules import WorldDataModule
@@ -137,19 +137,6 @@ def test_printed_tables_fit_80_columns_without_cutting_cells(domain_metrics):
     assert "ms/sample" in text and "adapt ms" in text and "3 undecodable images skipped" in text
     if "text_score_zs" in domain_metrics:
         assert "unadapted (raw)" in text and "40.0%" in text  # the raw scores get their own table
-
-
-# --- the progress bar agrees with the table ---------------------------------------------------
-
-
-def test_progress_bar_ends_on_the_tables_accuracy(tmp_path):
-    vlm = create_vlm("tta-world-clip")
-    data = WorldDataModule(domains=["clean", "texture"], n_per_domain=20, batch_size=16)
-    bar, writer = TTAProgressBar(), PredictionWriter(tmp_path, seed=0)
-    trainer = pl.Trainer(logger=False, callbacks=[bar, writer], enable_model_summary=False)
-    trainer.predict(ZeroShotClassifier(vlm), datamodule=data, return_predictions=False)
-    description = bar.progress.tasks[bar.predict_progress_bar_id].description
-    assert description.endswith(f"acc {100 * writer.metrics['accuracy']:.1f}%"), description
 
 
 # --- the run says what happened -----------------------------------------------------------------
