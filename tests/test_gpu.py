@@ -219,7 +219,7 @@ class Probes:
         self.watch(LAME, "process_batch", lambda a, r: self.run.record("LAME", r))
         self.watch(ttm_methods.TestTimeMatching, "score_groups", lambda a, r: self.run.record("TTM scores", a[1], r))
         # the planner's map is small and walked in Python on the host (planner_map), by design
-        self.watch(search_methods.SearchTTASession, "encode_cells", lambda a, r: self.run.record("Search-TTA cells", r))
+        self.watch(search_methods.CellEncoder, "__call__", lambda a, r: self.run.record("Search-TTA cells", r))
         for task in (ClassifierPredictions, GroupScorer, SearchEpisodeRunner):
             self.watch(task, "prediction_rows", self._outputs)
         original_predict = pl.Trainer.predict
@@ -337,7 +337,10 @@ def test_every_method_on_the_device(device, precision, method, probes, tmp_path)
 
     # nothing fell back to the CPU
     assert result.off_device(device) == {}, f"{command_line}: tensors off the {device}: {result.off_device(device)}"
-    expected = {"image tower", "outputs", *METHOD_PROBES[method]} - ({"outputs"} if method == "search_tta" else set())
+    # Search-TTA reads the image tower's patch tokens (probed as its cells) and writes episode rows, not outputs
+    expected = {"image tower", "outputs", *METHOD_PROBES[method]} - (
+        {"image tower", "outputs"} if method == "search_tta" else set()
+    )
     assert expected <= set(result.seen), f"{command_line}: never reached {sorted(expected - set(result.seen))}"
     if device == "cpu":  # the check above flags every probe's tensors when they are not where the device is
         assert set(result.off_device("cuda")) == set(result.seen)
