@@ -145,7 +145,8 @@ def test_the_unary_term_is_log_of_p_plus_1e_10():
     neighbours' votes (about 40 with the linear affinity) win; the log of p clamped at the smallest
     float (-69 for p = 1e-30) does not."""
     g = torch.Generator().manual_seed(0)
-    features = torch.cat([torch.tensor([[0.1, 1.0]]), torch.tensor([[0.0, 1.0]]) + 0.01 * torch.randn(40, 2, generator=g)])
+    neighbours = torch.tensor([[0.0, 1.0]]) + 0.01 * torch.randn(40, 2, generator=g)
+    features = torch.cat([torch.tensor([[0.1, 1.0]]), neighbours])
     probs = torch.cat([torch.tensor([[1.0, 1e-30]]), torch.tensor([[1e-12, 1.0]]).expand(40, -1)]).double()
     features = features.double()
     adjusted = laplacian_adjust(probs, features, affinity="linear")

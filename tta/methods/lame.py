@@ -7,8 +7,9 @@ in feature space agree: the output ``z`` minimises
 
 over the probability simplex, by the parallel fixed point
 ``z_i <- softmax(log(p_i + 1e-10) + sum_j w_ij z_j)`` from ``z = softmax(log(p + 1e-10))``, with the
-reference code's unary term and stopping rule (:func:`fixed_point`). Nothing is learned and no state is kept between batches: the batch is the
-neighbourhood, so the batch size is the method's key setting.
+reference code's unary term and stopping rule (:func:`fixed_point`). Nothing is learned and no
+state is kept between batches: the batch is the neighbourhood, so the batch size is the method's
+key setting.
 
 Affinities ``W`` (N x N) on L2-normalised features with Euclidean distances:
 
