@@ -87,7 +87,9 @@ def resized_crops(image: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int
 
     Box by box because each box has its own scale: one batched product per axis for all boxes
     (dense resampling matrices) gives the same pixels but costs ``n x size x H x W`` operations,
-    9x the time of this loop on a CPU for a 500 x 375 image (``benchmarks/views_cpu.py``).
+    2.3x the time of this loop on a CPU for a 500 x 375 image, and one ``roi_align`` call averages
+    with a box filter (0.03 off torchvision's pixels) for no gain in time
+    (``benchmarks/results/views_cpu.md``).
     """
     return torch.cat(
         [
