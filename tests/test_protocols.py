@@ -153,3 +153,13 @@ def test_difftpt_card_has_the_references_candidates_and_pipeline_dtype(compose):
     cfg = compose(["experiment=difftpt_imagenet_vit_b16"]).tta.callbacks.difftpt
     assert cfg.n_views + cfg.generator.n_views == 128  # 1 + 64 conventional + 63 diffusion
     assert cfg.generator.dtype == "float32" and cfg.cosine_fraction == 0.8 and cfg.selection == 0.3
+
+
+def test_sts_predicts_from_the_kept_views_average_at_the_papers_lr_and_steps(compose):
+    """As the paper's text is reported (docs/protocols.md): one AdamW step at lr 5e-3, the prediction
+    averaged over the kept views; the card says the same."""
+    from tta.callbacks import STS
+
+    for cfg in (compose(["tta=sts"]).tta.callbacks.sts, compose(["experiment=sts_imagenet_vit_b16"]).tta.callbacks.sts):
+        assert (cfg.final, cfg.lr, cfg.steps, cfg.selection) == ("kept_average", 5e-3, 1, 0.1)
+    assert STS().final == "kept_average"
