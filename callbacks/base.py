@@ -203,7 +203,8 @@ class EpisodicTTA(TTACallback):
         views = make_views(originals, images, self.n_views, seeds, self.views)
         with self.autocast(images.device):
             features = vlm.encode_image(views.flatten(0, 1), batch_size=self.view_batch_size)
-        return features.float().view(len(seeds), self.n_views, -1)
+        # kept in the autocast dtype, which the logits' matmuls cast them to anyway (fp32 without autocast)
+        return features.to(self._autocast_dtype or torch.float32).view(len(seeds), self.n_views, -1)
 
 
 class SetTTA(pl.Callback):

@@ -115,7 +115,8 @@ class DiffTPT(EpisodicTTA):
             pixels = F.interpolate(pixels, size=vlm.image_size, mode="bilinear", antialias=True, align_corners=False)
         with self.autocast(images.device):
             diffusion = vlm.encode_image(pixels, batch_size=self.view_batch_size)
-        return torch.cat([conventional, diffusion.float().view(len(seeds), self.generator.n_views, -1)], dim=1)
+        diffusion = diffusion.to(conventional.dtype).view(len(seeds), self.generator.n_views, -1)
+        return torch.cat([conventional, diffusion], dim=1)
 
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:

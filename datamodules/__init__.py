@@ -15,7 +15,9 @@ The batch contract: every ``predict_dataloader`` yields dicts
 
 Each datamodule exposes ``class_names`` (list of str), ``domains`` (list of str) and ``name``.
 The file-based ones (every one but the offline world) leave out images that fail to decode
-and add ``skipped_images`` (int: how many of the batch were left out) to each batch.
+and add ``skipped_images`` (int: how many of the batch were left out) to each batch, the
+image-file ones also ``skipped_paths`` (their files); with ``on_bad_image="error"`` the
+first such image stops the run instead.
 
 Every datamodule here reads its prediction set in a stream order through
 ``streams.StreamDataModule``: under DDP the stream's batches are dealt whole to the ranks

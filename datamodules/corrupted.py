@@ -42,6 +42,9 @@ CORRUPTIONS = (
     "pixelate",
     "jpeg_compression",
 )
+#: The four extra corruptions of the official downloads (ImageNet-C's extra archive, CIFAR-10-C's
+#: files): not in "all", which means the 15 of the benchmark.
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -71,7 +74,8 @@ def check_corruptions(
 class ImageNetCDataModule(ImageFilesDataModule):
     """ImageNet-C: one domain ``<corruption>_<severity>`` per corruption and severity asked for.
 
-    ``corruptions`` is "all" (the 15 of :data:`CORRUPTIONS`) or a list of them; ``severities``
+    ``corruptions`` is "all" (the 15 of :data:`CORRUPTIONS`) or a list of them and of the four
+    extra ones (:data:`EXTRA_CORRUPTIONS`, the official extra download); ``severities``
     a list of 1..5 (default [5], the usual TTA protocol). Each severity folder holds the 1000
     WordNet-id class folders. ``class_list`` as for ImageNet ("clip" or "unique"). Images are
     resized to ``image_size`` as the model's preprocessing says. ``stream`` orders the samples
@@ -94,9 +98,10 @@ class ImageNetCDataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         self.root = Path(root).expanduser()
-        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS)
+        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"data folder {self.root} does not exist: set data.root to the ImageNet-C folder "
@@ -131,13 +136,12 @@ class ImageNetCDataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )
 
 
 #: CIFAR-10's classes in label order.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-#: CIFAR-10-C ships four extra corruptions beside the 15 of ImageNet-C.
-CIFAR10_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 
 class ArrayImageDataset(Dataset):
@@ -155,7 +159,8 @@ class ArrayImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         key, row, label, domain = self.rows[i]
-        original = torch.from_numpy(np.ascontiguousarray(self.arrays[key][row])).permute(2, 0, 1).contiguous()
+        # a copy: rows of a read-only memory map would make torch warn that the array is not writable
+        original = torch.from_numpy(np.array(self.arrays[key][row])).permute(2, 0, 1).contiguous()
         return {
             "image": self.preprocess(original),
             ORIGINAL: original,
@@ -193,7 +198,7 @@ class CIFAR10CDataModule(StreamDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
-        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + CIFAR10_C_EXTRA)
+        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}: fix data.batch_size")
         self.preprocess = Preprocess(image_size, resize_mode, interpolation)

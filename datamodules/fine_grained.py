@@ -139,6 +139,7 @@ class FineGrainedDataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         class_names = fine_grained_class_names(dataset)
         if split not in SPLITS:
@@ -161,4 +162,5 @@ class FineGrainedDataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )

@@ -140,6 +140,7 @@ class ImageNetDataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         _, class_names = imagenet_classes(variant, class_list)
         self.root, self.variant = Path(root).expanduser(), variant
@@ -155,6 +156,7 @@ class ImageNetDataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )
 
 
@@ -177,6 +179,7 @@ class ImageNetV2DataModule(ImageFilesDataModule):
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         _, class_names = imagenet_classes("imagenet", class_list)
         self.root = Path(root).expanduser()
@@ -192,4 +195,5 @@ class ImageNetV2DataModule(ImageFilesDataModule):
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )

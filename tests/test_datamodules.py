@@ -18,9 +18,9 @@ def predict_batches(datamodule):
 
 
 def assert_batch_contract(batch, image_size):
-    # file-based datamodules add how many of the batch failed to decode
-    assert set(batch) - {"skipped_images"} == {"image", "original", "label", "index", "domain"}
-    assert batch.get("skipped_images", 0) == 0
+    # file-based datamodules add how many of the batch failed to decode, and which files
+    assert set(batch) - {"skipped_images", "skipped_paths"} == {"image", "original", "label", "index", "domain"}
+    assert batch.get("skipped_images", 0) == 0 and batch.get("skipped_paths", []) == []
     image = batch["image"]
     # the images as decoded, for view-based methods: a list (sizes differ), uint8 RGB
     assert isinstance(batch["original"], list) and len(batch["original"]) == len(image)

@@ -116,7 +116,7 @@ def test_inference_mode_gives_the_same_result_as_without(world_module):
     assert torch.allclose(on["logits"], off["logits"], atol=1e-6)
 
 
-def test_bf16_autocast_reaches_the_callback_and_keeps_learnables_fp32(world_module):
+def test_bf16_autocast_reaches_the_callback_keeps_view_features_bf16_and_learnables_fp32(world_module):
     seen = {}
 
     class Probe(TPT):
@@ -124,11 +124,13 @@ def test_bf16_autocast_reaches_the_callback_and_keeps_learnables_fp32(world_modu
             with self.autocast(view_features.device):
                 seen["autocast"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
             seen["context"] = self.prompt.initial_context.dtype
+            seen["view_features"] = view_features.dtype
             return super().adapt(pl_module, view_features)
 
     out, _ = predict(world_module, [Probe(n_views=8, seed=0)], precision="bf16-mixed", n=2, batch_size=2)
     assert torch.isfinite(out["logits"]).all()
-    assert seen == {"autocast": torch.bfloat16, "context": torch.float32}
+    # the views' features stay in the autocast dtype; the learnable context is fp32
+    assert seen == {"autocast": torch.bfloat16, "context": torch.float32, "view_features": torch.bfloat16}
 
 
 @pytest.mark.parametrize("name", ["tta-tiny-clip", "tta-tiny-customtext", "tta-tiny-sigmoid"])

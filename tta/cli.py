@@ -4,11 +4,15 @@ tta-predict                                   # the shipped tiny CLIP on every o
 tta-predict data.severity=5 seed=1            # any config value
 tta-predict -m data.severity=1,3,5            # a multirun sweep
 tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
+
+The run directory is locked for the whole run and checked before anything is written in it
+(its config record ``.hydra/`` included, which this command writes itself once the check
+passed). SIGTERM or SIGINT stops after the current batch, with exit code 143 or 130.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import sys
 import warnings
@@ -19,24 +23,35 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
 from tta.callbacks import PredictionWriter, TTAProgressBar
+from tta.run_folder import DirectoryLock, RunFolderError, RunStopped, check_run_directory, make_directory, write_atomic
 
 #: Errors that are the user's to fix: printed as one line, without a stack trace.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
-def run_key(cfg: DictConfig) -> str:
-    """What makes two runs the same run (for resuming): the config, display options aside."""
+def run_key(cfg: DictConfig) -> dict[str, Any]:
+    """What makes two runs the same run (for resuming): the resolved config, display options aside."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("print_table", None)
     config.get("trainer", {}).pop("enable_progress_bar", None)
-    text = OmegaConf.to_yaml(OmegaConf.create(config), sort_keys=True)
-    return "config sha256 " + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return config
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values the config leaves unset (``???``) and a seed that is no integer, as one line each."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{missing[0]} is not set: add {missing[0]}=<value> to the command")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}: set seed=<integer>, e.g. seed=0")
 
 
 def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -74,6 +89,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     batches (a stopped run, same config), prediction resumes after them; a finished run is
     not predicted again.
     """
+    check_config(cfg)
     # Lightning's start-up banners (device summary, product tips) drown the table
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -130,17 +146,68 @@ def _user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, USER_ERRORS) else None
 
 
+def write_config_record(output_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them, written
+    here (``hydra.output_subdir`` is null) so that a refused run leaves the folder's record alone."""
+    hydra_cfg = HydraConfig.instance().cfg
+    record = output_dir / ".hydra"
+    make_directory(record)
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        write_atomic(record / name, OmegaConf.to_yaml(node))
+
+
+class RunDirectoryCheck(Callback):
+    """Hydra callback: the run (or sweep) directory can be created and written, checked before
+    Hydra creates it, so that a path under a file or in a read-only place is one line, exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, setting: str) -> None:
+        try:
+            make_directory(Path(directory))
+        except RunFolderError as error:
+            _fail(f"{error} ({setting})")
+
+
+def _fail(message: Any, exit_code: int = 2, label: str = "error: ") -> None:
+    """Print one line on stderr and exit."""
+    Console(stderr=True).print(f"[bold red]tta-predict: {label}[/]{message}", highlight=False, soft_wrap=True)
+    sys.exit(exit_code)
+
+
 @hydra.main(config_path="pkg://tta.configs", config_name="predict", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    # the processes that Lightning (or SLURM) starts for DDP ranks > 0 run this too: the
+    # launching process alone owns the directory and its record
+    launching = rank_zero_only.rank == 0
     try:
-        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+        check_config(cfg)
+        with DirectoryLock(output_dir) if launching else contextlib.nullcontext():
+            if launching:
+                check_run_directory(output_dir, run_key(cfg))
+                write_config_record(output_dir, cfg)
+            metrics = run(cfg, output_dir)
+    except RunStopped as stop:
+        if not launching:
+            sys.exit(stop.exit_code)
+        _fail(stop, stop.exit_code, label="")
+    except KeyboardInterrupt:  # Ctrl-C before the first batch or after the last: nothing half-written
+        _fail("stopped by SIGINT; rerun the same command to resume", 130, label="")
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
             raise
-        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-        Console(stderr=True).print(f"[bold red]tta-predict: error:[/] {message}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
     if cfg.print_table and metrics is not None:
         Console().print(metrics_table(metrics))
 
