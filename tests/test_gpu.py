@@ -394,7 +394,7 @@ def test_tpt_step_under_fp16_with_the_loss_scaler(device):
     prompt = PromptLearner(vlm, CLASS_NAMES).to(device)
     images = render_single(4, seed=5).images.to(device)
     with torch.no_grad():
-        features = vlm.encode_image(make_views(images, 16, list(range(4))).flatten(0, 1)).view(4, 16, -1)
+        features = vlm.encode_image(make_views(list(images), images, 16, list(range(4))).flatten(0, 1)).view(4, 16, -1)
     fp32 = tpt_adapt(prompt, features, vlm.logits)
     scaler = torch.amp.GradScaler(device, init_scale=1000)
     fp16 = tpt_adapt(prompt, features, vlm.logits, autocast=torch.autocast(device, dtype=torch.float16), scaler=scaler)

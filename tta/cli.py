@@ -104,6 +104,17 @@ def default_threads() -> int:
     return max(1, min(8, cores))
 
 
+def with_model_preprocessing(data_cfg: DictConfig, preprocessing: dict[str, Any]) -> DictConfig:
+    """A copy of the data config whose ``null`` preprocessing settings (``image_size``,
+    ``resize_mode``, ``interpolation``) take the model's own values (``module.preprocessing``)."""
+    data_cfg = data_cfg.copy()
+    with open_dict(data_cfg):
+        for key, value in preprocessing.items():
+            if data_cfg.get(key, "absent") is None:
+                data_cfg[key] = value
+    return data_cfg
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     """Build everything from ``cfg`` and predict; returns the run's metrics (``None`` on DDP
     ranks other than 0).
@@ -128,11 +139,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     check_accelerator(cfg)
     module = instantiate(cfg.model)
-    data_cfg = cfg.data.copy()
-    if data_cfg.get("image_size", "absent") is None:
-        with open_dict(data_cfg):
-            data_cfg.image_size = module.input_size
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(with_model_preprocessing(cfg.data, module.preprocessing))
     callbacks = tta_callbacks(cfg)
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "torch_threads": int(threads.split()[0])}
     writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg), run_info=run_info)
