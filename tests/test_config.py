@@ -19,7 +19,7 @@ from tta.cli import with_model_preprocessing
 from tta.models import VisionLanguageModel
 
 CONFIGS = files("tta.configs")
-GROUPS = {"model", "data", "trainer", "tta", "experiment"}
+GROUPS = {"model", "data", "trainer", "tta", "experiment", "logger"}
 #: Hydra's own groups that the package adds options to (tested by test_launcher_config).
 HYDRA_GROUPS = {"hydra"}
 
@@ -122,6 +122,28 @@ def test_tta_config(compose, option):
     cfg = compose([f"tta={option}"])
     callbacks = instantiate_callbacks(cfg)
     assert len(callbacks) == len(cfg.tta.callbacks)
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_config(compose, option, tmp_path, monkeypatch):
+    """Each logger option composes; it is built with its save_dir in a temporary folder (the run
+    directory in the CLI) where its package is installed, and its class is importable otherwise."""
+    import importlib.util
+
+    from hydra.utils import get_class
+
+    cfg = compose([f"logger={option}"])
+    if option == "none":
+        assert not cfg.get("logger")
+        return
+    logger = cfg.logger
+    cls = get_class(logger._target_)
+    package = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb", "TensorBoardLogger": "tensorboard"}.get(cls.__name__)
+    if package and importlib.util.find_spec(package) is None:
+        pytest.skip(f"logger={option} needs {package}; its class imports and the option composes")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what configs/logger/mlflow.yaml's hydra.job.env_set does
+    built = instantiate(logger, save_dir=str(tmp_path))
+    assert isinstance(built, cls)
 
 
 @pytest.mark.parametrize("option", options("experiment"))

@@ -213,7 +213,8 @@ class Probes:
                 self.watch(cls, "encode_views", lambda a, r: self.run.record("view features", r))
             if "adapt" in vars(cls):
                 self.watch(cls, "adapt", lambda a, r: self.run.record("method state", r, vars(a[0])))
-        self.watch(EpisodicTTA, "grad_scaler", lambda a, r: self.run.scalers.append(r))
+        for cls in (TPT, DiffTPT):  # the run's loss scaler each step used (None outside fp16)
+            self.watch(cls, "adapt", lambda a, r: self.run.scalers.append(a[0].grad_scaler))
         self.watch(PromptLearner, "text_features", self._prompt)
         self.watch(DiffusionViewGenerator, "views", lambda a, r: self.run.record("diffusion views", a[1], r))
         self.watch(LAME, "process_batch", lambda a, r: self.run.record("LAME", r))

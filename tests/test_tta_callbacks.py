@@ -224,7 +224,9 @@ def test_one_grad_scaler_for_the_whole_run_under_fp16(monkeypatch):
 
     def spy(*args, **kwargs):
         seen.append(kwargs["scaler"])
-        return real(*args, **{**kwargs, "scaler": None, "autocast": None})  # fp16 kernels are not the point here
+        # fp16 kernels are not the point here: the step runs in fp32 on fp32 view features
+        prompt, view_features, *rest = args
+        return real(prompt, view_features.float(), *rest, **{**kwargs, "scaler": None, "autocast": None})
 
     monkeypatch.setattr(tpt_callback, "tpt_adapt", spy)
     from tta.world import CLASS_NAMES

@@ -129,7 +129,7 @@ def test_sts_step_is_sign_like_and_needs_no_encoder():
     basis = spectral_basis(class_features)
     views = F.normalize(torch.randn(2, 32, 16), dim=-1)
     logit_fn = lambda image, text: 50 * image @ text.transpose(-1, -2)  # noqa: E731
-    out = sts_adapt(views, class_features, basis, logit_fn, lr=5e-3)
+    out = sts_adapt(views, class_features, basis, logit_fn, lr=5e-3, final="original")
     assert out.variables.shape == (2, basis.shape[0])
     assert torch.allclose(out.variables.abs(), torch.full_like(out.variables, 5e-3), rtol=0.05)
     prototypes = steered_prototypes(class_features, basis, out.variables)
