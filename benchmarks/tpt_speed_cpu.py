@@ -32,7 +32,7 @@ from tta.world import CLASS_NAMES, render_domain
 def straightforward_tpt(vlm, prompt, image, seed, n_views=64, lr=5e-3):
     """One image, reference style: fwd with grad (selection + loss), step, fwd for the prediction."""
     with torch.no_grad():
-        views = make_views(image.unsqueeze(0), n_views, [seed])[0]
+        views = make_views([image], image.unsqueeze(0), n_views, [seed])[0]
         features = vlm.encode_image(views)  # V x D
     context = prompt.initial_context.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([context], lr=lr)
@@ -50,7 +50,7 @@ def ours(vlm, prompt, images, seeds, n_views=64, batch=16):
     out = []
     for i in range(0, len(seeds), batch):
         with torch.no_grad():
-            views = make_views(images[i : i + batch], n_views, seeds[i : i + batch])
+            views = make_views(list(images[i : i + batch]), images[i : i + batch], n_views, seeds[i : i + batch])
             features = vlm.encode_image(views.flatten(0, 1), batch_size=64).view(len(seeds[i : i + batch]), n_views, -1)
         out.append(tpt_adapt(prompt, features, vlm.logits).logits)
     return torch.cat(out)
@@ -87,7 +87,9 @@ def main() -> None:
     # the views + image tower (the same for all), then the adaptation alone, interleaved rounds
     with torch.no_grad():
         feats, enc_s = timed(
-            lambda: torch.stack([vlm.encode_image(make_views(images[i : i + 1], 64, [seeds[i]])[0]) for i in range(n)])
+            lambda: torch.stack(
+                [vlm.encode_image(make_views([images[i]], images[i : i + 1], 64, [seeds[i]])[0]) for i in range(n)]
+            )
         )
     adapt_s = {"straightforward": [], "shared": [], "whole": []}
     adapted = {}

@@ -84,6 +84,8 @@ def main() -> None:
     vlm = create_vlm("ViT-B-16", pretrained=None, device=device)
     names = imagenet_class_names()[: args.classes]
     images = torch.rand(args.images, 3, 224, 224, device=device)
+    # the images as loaded, ImageNet-sized: views are cropped from them (on the device)
+    originals = [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8) for _ in range(args.images)]
     seeds = [sample_seed(0, i) for i in range(args.images)]
     n = args.images
     # autocast in fp16 (the reference's) and bf16 on CUDA; a CPU smoke test runs in fp32, where
@@ -101,7 +103,7 @@ def main() -> None:
     def view_features(i: int, b: int, autocast) -> torch.Tensor:
         """``b x V x D`` features of images ``i..i+b``, in the autocast dtype (as the callbacks keep them)."""
         with torch.no_grad(), autocast():
-            views = make_views(images[i : i + b], args.views, seeds[i : i + b])
+            views = make_views(originals[i : i + b], images[i : i + b], args.views, seeds[i : i + b])
             return vlm.encode_image(views.flatten(0, 1)).view(b, args.views, -1)
 
     def zero_shot():

@@ -21,8 +21,8 @@ class TTM(SetTTA):
     read once and TTM's rounds run on a deep copy of the module's ``vlm``; the copy is swapped in
     for the prediction and the user's model is swapped back at ``on_predict_end`` (unchanged).
     The output dict of every batch gains ``scores_zs`` (the unadapted scores, from the first
-    round's scoring) and ``adapt_ms`` (each group's share of the whole fit's wall time: the fit
-    runs before the first batch, so the writer's per-batch ``ms`` does not include it); the
+    round's scoring), ``adapt_ms`` and ``fit_ms`` (each group's share of the whole fit's wall
+    time: the fit runs before the first batch, so the writer adds ``fit_ms`` to the batch's ``ms``); the
     rounds' logs (threshold, pseudo-labels, their precision, steps, loss, seconds) are kept in
     ``ttm_rounds``.
 
@@ -114,7 +114,9 @@ class TTM(SetTTA):
         outputs["scores_zs"] = torch.stack([self._scores_zs[i] for i in batch["index"].tolist()]).to(
             outputs["scores"].device
         )
-        outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + 1000 * self.fit_seconds / self._n_groups
+        share = torch.full((n,), 1000 * self.fit_seconds / self._n_groups)
+        outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + share
+        outputs["fit_ms"] = outputs.get("fit_ms", torch.zeros(n)) + share
 
     @override
     def restore(self, pl_module: pl.LightningModule) -> None:

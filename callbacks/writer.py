@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
+from pytorch_lightning.loggers import Logger
 from typing_extensions import override
 
 from tta.run_folder import (
@@ -198,8 +199,8 @@ class PredictionWriter(pl.Callback):
     Rows are written when the *next* batch starts (or ``predict`` ends), so every callback's
     changes to the batch's outputs are in, whatever the order of the callback list. ``ms`` is
     the batch's wall time per sample, from its start to the next batch's start (data loading,
-    adaptation and prediction included, this writer's own I/O excluded); ``adapt_ms`` the
-    part of it spent in TTA callbacks (0 without one).
+    adaptation and prediction included, this writer's own I/O excluded, a set-level method's
+    ``fit_ms`` share added); ``adapt_ms`` the part of it spent in TTA callbacks (0 without one).
 
     The run folder (:mod:`tta.run_folder`) is locked for the whole run: a second writer into it
     stops at once with a :class:`~tta.run_folder.RunFolderError` naming the holder's PID.
@@ -224,8 +225,13 @@ class PredictionWriter(pl.Callback):
     ``peak_mem_mb`` (the maximum over processes), ``skipped_images`` (images the datamodule
     could not decode: the batches' ``skipped_images``, summed) and ``skipped_image_paths`` (the
     first of them, from the batches' ``skipped_paths``), ``run`` (``run_info``, e.g. the CLI's
-    config) and ``domains`` (per domain the task's metrics and ``ms_per_sample``). Skipped images
-    are also reported in a warning at the end.
+    config) and ``domains`` (per domain the task's metrics, ``ms_per_sample`` and
+    ``adapt_ms_per_sample``). Skipped images are also reported in a warning at the end.
+
+    Lightning loggers of the trainer (``Trainer(logger=...)``) get the run's settings as
+    hyperparameters, the running values of the progress bar after every batch
+    (``running/<name>``), and at the end the metrics overall (``all/<name>``) and per domain
+    (``<domain>/<name>``).
 
     Args:
         output_dir: where the files go.
@@ -312,6 +318,14 @@ class PredictionWriter(pl.Callback):
                 "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
                 "or write to an empty directory"
             )
+        if done:
+            total = datamodule.stream_sampler().n_batches if hasattr(datamodule, "stream_sampler") else None
+            if total is not None and done >= total:
+                log.info("%s: already finished (%d batches); metrics recomputed from its rows", directory, done)
+            else:
+                log.info(
+                    "%s: resuming after batch %d of %s; the finished batches' rows are kept", directory, done, total
+                )
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -323,12 +337,14 @@ class PredictionWriter(pl.Callback):
         launcher = trainer.strategy.launcher
         self._stop.forward = (lambda _: launcher.kill(signal.SIGTERM)) if launcher is not None else None
         self._stop.install()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.run_info or self._run)
 
     @override
     def on_predict_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._flush(pl_module, time.perf_counter())
+        self._flush(trainer, pl_module, time.perf_counter())
         if self._stop.received is not None:
             raise RunStopped(self._stop.received, len(self._part.batches), self._total_batches)
         self._pending = (None, time.perf_counter(), {})  # after the flush: this writer's I/O is in no batch's ms
@@ -353,7 +369,7 @@ class PredictionWriter(pl.Callback):
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(pl_module, time.perf_counter())
+        self._flush(trainer, pl_module, time.perf_counter())
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -387,6 +403,7 @@ class PredictionWriter(pl.Callback):
                     states = [json.loads((self.output_dir / "progress.json").read_text())]
                 self.metrics = self._compute_metrics(trainer, pl_module, states)
                 write_atomic(self.metrics_path, json.dumps(self.metrics, indent=2) + "\n")
+                log_final_metrics(trainer.loggers, self.metrics)
                 if self.metrics["skipped_images"]:
                     log.warning(
                         "%d images could not be decoded and were left out, e.g. %s (data.on_bad_image=error "
@@ -419,7 +436,7 @@ class PredictionWriter(pl.Callback):
                 "empty directory"
             )
 
-    def _flush(self, pl_module: pl.LightningModule, now: float) -> None:
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float) -> None:
         if self._pending is None or self._pending[0] is None:
             return
         outputs, started, skipped = self._pending
@@ -429,16 +446,22 @@ class PredictionWriter(pl.Callback):
         rows = pl_module.prediction_rows(outputs) if n else []
         ms = (now - started) * 1000 / max(1, n)
         adapt_ms = outputs.get("adapt_ms")
+        # adaptation that ran before the batches (a set-level method's fit) is in no batch's
+        # wall time: each sample's share of it is added, so that ms always includes adapt_ms
+        fit_ms = outputs.get("fit_ms")
         timing = [
             {
                 "index": row["index"],
-                "ms": f"{ms:.4f}",
+                "ms": f"{ms + (float(fit_ms[i]) if fit_ms is not None else 0.0):.4f}",
                 "adapt_ms": f"{float(adapt_ms[i]):.4f}" if adapt_ms is not None else f"{0.0:.4f}",
             }
             for i, row in enumerate(rows)
         ]
         self._part.append(rows, timing, **skipped)
         self._count_progress(pl_module, [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows])
+        if self.progress:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"running/{k}": v for k, v in self.progress.items()}, step=len(self._part.batches))
 
     def _count_progress(self, pl_module: pl.LightningModule, rows: list[dict[str, str]]) -> None:
         for row in rows:
@@ -473,10 +496,29 @@ class PredictionWriter(pl.Callback):
         if self.run_info is not None:
             metrics["run"] = self.run_info
         for name, values in domains.items():
-            picked = [t for t, r in zip(ms, rows) if r["domain"] == name]
-            values["ms_per_sample"] = sum(picked) / max(1, len(picked))
+            picked = [(t, a) for t, a, r in zip(ms, adapt_ms, rows) if r["domain"] == name]
+            values["ms_per_sample"] = sum(t for t, _ in picked) / max(1, len(picked))
+            values["adapt_ms_per_sample"] = sum(a for _, a in picked) / max(1, len(picked))
         metrics["domains"] = domains
         return metrics
+
+
+def log_final_metrics(loggers: Sequence[Logger], metrics: dict[str, Any]) -> None:
+    """The run's numeric metrics, overall (``all/<name>``) and per domain (``<domain>/<name>``),
+    through Lightning's logger API; then the loggers are saved and finalised."""
+    if not loggers:
+        return
+    flat = {f"all/{k}": float(v) for k, v in metrics.items() if _is_number(v)}
+    for domain, values in metrics["domains"].items():
+        flat |= {f"{domain}/{k}": float(v) for k, v in values.items() if _is_number(v)}
+    for logger in loggers:
+        logger.log_metrics(flat)
+        logger.save()
+        logger.finalize("success")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _method_name(trainer: pl.Trainer) -> str:

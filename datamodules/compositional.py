@@ -17,7 +17,9 @@ Every batch of one datamodule has the same ``m`` and ``k``. File readers check t
 that every listed image exists when they are built (so a wrong path fails before a model
 loads).
 Each datamodule exposes ``domains``, ``kinds``, ``name`` and ``image_size``; ``class_names``
-is empty (these are not classification sets).
+is empty (these are not classification sets). Images are resized to ``image_size`` as the
+model's preprocessing says (``resize_mode``, ``interpolation``: SigLIP squashes, CLIP crops the
+centre; see ``tta.datamodules.preprocess``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 from typing_extensions import override
 
-from tta.datamodules.folder import image_transform
+from tta.datamodules.preprocess import Preprocess
 from tta.datamodules.streams import StreamDataModule
 from tta.world import DOMAINS, check_domain
 from tta.world.groups import SWAP_KINDS, check_swap_kind, render_groups
@@ -76,14 +78,17 @@ class GroupDataModule(StreamDataModule):
         image_size: int,
         batch_size: int,
         num_workers: int,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
-        if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
+        if int(batch_size) < 1 or int(num_workers) < 0:
             raise ValueError(
-                f"batch_size and image_size must be positive and num_workers >= 0, got {batch_size}, "
-                f"{image_size}, {num_workers}: fix data.batch_size / image_size / num_workers"
+                f"batch_size must be positive and num_workers >= 0, got {batch_size}, {num_workers}: "
+                "fix data.batch_size / num_workers"
             )
         self.name, self.domains, self.kinds = name, list(domains), list(kinds)
+        self.preprocess = Preprocess(image_size, resize_mode, interpolation)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.dataset: Dataset | None = None
         self.order: torch.Tensor | None = None
@@ -120,15 +125,23 @@ class GroupDataModule(StreamDataModule):
 
 
 class _TensorGroups(Dataset):
-    def __init__(self, images: torch.Tensor, captions: list[list[str]], domains: list[str], kinds: list[str]) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        captions: list[list[str]],
+        domains: list[str],
+        kinds: list[str],
+        preprocess: Preprocess,
+    ) -> None:
         self.images, self.captions, self.domains, self.kinds = images, captions, domains, kinds
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "images": self.images[i].float() / 255,
+            "images": torch.stack([self.preprocess(image) for image in self.images[i]]),
             "captions": self.captions[i],
             "index": i,
             "domain": self.domains[i],
@@ -152,6 +165,8 @@ class WorldGroupsDataModule(GroupDataModule):
         n_per_cell: int = 100,
         seed: int = 10_000,
         image_size: int = 64,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -169,7 +184,9 @@ class WorldGroupsDataModule(GroupDataModule):
             raise ValueError(f"domains {domains} or kinds {kinds} repeat an entry: list each once")
         if n_per_cell < 1:
             raise ValueError(f"n_per_cell must be >= 1, got {n_per_cell}")
-        super().__init__("world_groups", domains, kinds, image_size, batch_size, num_workers)
+        super().__init__(
+            "world_groups", domains, kinds, image_size, batch_size, num_workers, resize_mode, interpolation
+        )
         self.severity, self.n_per_cell, self.seed = int(severity), int(n_per_cell), int(seed)
 
     @staticmethod
@@ -187,24 +204,11 @@ class WorldGroupsDataModule(GroupDataModule):
         for label, (domain, severity) in zip(self.domains, self.cells):
             for kind in self.kinds:
                 groups = render_groups(kind, self.n_per_cell, self.seed, domain, severity)
-                pixels = groups.images
-                if pixels.shape[-1] != self.image_size:
-                    pixels = (
-                        F.interpolate(
-                            pixels.flatten(0, 1),
-                            size=self.image_size,
-                            mode="bilinear",
-                            antialias=True,
-                            align_corners=False,
-                        )
-                        .clamp(0, 1)
-                        .view(*pixels.shape[:3], self.image_size, self.image_size)
-                    )
-                images.append((pixels * 255).round().to(torch.uint8))
+                images.append((groups.images * 255).round().to(torch.uint8))
                 captions += groups.captions
                 domains += [label] * self.n_per_cell
                 kinds += groups.kinds
-        return _TensorGroups(torch.cat(images), captions, domains, kinds)
+        return _TensorGroups(torch.cat(images), captions, domains, kinds, self.preprocess)
 
 
 @dataclass(frozen=True)
@@ -267,8 +271,8 @@ class GroupFiles:
 
 
 class _FileGroups(Dataset):
-    def __init__(self, groups: Sequence[GroupFiles], image_size: int) -> None:
-        self.groups, self.transform = list(groups), image_transform(image_size)
+    def __init__(self, groups: Sequence[GroupFiles], preprocess: Preprocess) -> None:
+        self.groups, self.preprocess = list(groups), preprocess
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -279,7 +283,7 @@ class _FileGroups(Dataset):
             pixels = []
             for path in group.images:
                 with open_image(path) as image:
-                    pixels.append(self.transform(image.convert("RGB")).clamp(0, 1))
+                    pixels.append(self.preprocess(pil_to_tensor(image.convert("RGB"))))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
         return {
@@ -302,6 +306,8 @@ class GroupFilesDataModule(GroupDataModule):
         batch_size: int,
         num_workers: int,
         setting: str = "data.root",
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
     ) -> None:
         groups = list(groups)
         if not groups:
@@ -320,12 +326,12 @@ class GroupFilesDataModule(GroupDataModule):
             )
         domains = list(dict.fromkeys(g.domain for g in groups))
         kinds = list(dict.fromkeys(g.kind for g in groups))
-        super().__init__(name, domains, kinds, image_size, batch_size, num_workers)
+        super().__init__(name, domains, kinds, image_size, batch_size, num_workers, resize_mode, interpolation)
         self.groups = groups
 
     @override
     def build_dataset(self) -> Dataset:
-        return _FileGroups(self.groups, self.image_size)
+        return _FileGroups(self.groups, self.preprocess)
 
 
 def _root(root: str | Path, name: str) -> Path:
@@ -385,6 +391,8 @@ class WinogroundDataModule(GroupFilesDataModule):
         image_dir: str = "images",
         domain: str = "winoground",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -397,7 +405,15 @@ class WinogroundDataModule(GroupFilesDataModule):
                 self.root, ["examples.jsonl"], "examples.jsonl (nor a data/test-*.parquet of the hub copy)"
             )
             groups = self._jsonl_groups(index, image_dir, domain)
-        super().__init__(groups, "winoground", image_size, batch_size, num_workers)
+        super().__init__(
+            groups,
+            "winoground",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
 
     @staticmethod
     def _parquet_groups(path: Path, domain: str) -> list[GroupFiles]:
@@ -471,6 +487,8 @@ class MMVPVLMDataModule(GroupFilesDataModule):
         image_dir: str = "MLLM_VLM Images",
         domain: str = "mmvp_vlm",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -505,7 +523,15 @@ class MMVPVLMDataModule(GroupFilesDataModule):
                     type_0.strip(),
                 )
             )
-        super().__init__(groups, "mmvp_vlm", image_size, batch_size, num_workers)
+        super().__init__(
+            groups,
+            "mmvp_vlm",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
 
 
 class SugarCrepeDataModule(GroupFilesDataModule):
@@ -531,6 +557,8 @@ class SugarCrepeDataModule(GroupFilesDataModule):
         ),
         image_dir: str = "val2017",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -551,7 +579,15 @@ class SugarCrepeDataModule(GroupFilesDataModule):
                     f"{path} is not SugarCrepe's layout ({error!r}): expected a JSON object "
                     "{id: {filename, caption, negative_caption}}"
                 ) from error
-        super().__init__(groups, "sugarcrepe", image_size, batch_size, num_workers)
+        super().__init__(
+            groups,
+            "sugarcrepe",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
 
 
 #: What'sUp's question files over COCO and Visual Genome: the image folder beside the JSON files and
@@ -580,6 +616,8 @@ class WhatsUpDataModule(GroupFilesDataModule):
         root: str | Path,
         files: Sequence[str] = ("controlled_images_dataset",),
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -599,7 +637,9 @@ class WhatsUpDataModule(GroupFilesDataModule):
                     else "a JSON list of {image_path, caption_options}"
                 )
                 raise ValueError(f"{path} is not What'sUp's layout ({error!r}): expected {layout}") from error
-        super().__init__(groups, "whatsup", image_size, batch_size, num_workers)
+        super().__init__(
+            groups, "whatsup", image_size, batch_size, num_workers, resize_mode=resize_mode, interpolation=interpolation
+        )
 
     @staticmethod
     def _question(item: Any, folder: Path, qa: tuple[str, str] | None, stem: str) -> GroupFiles:

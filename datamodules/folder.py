@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import v2
+from PIL import UnidentifiedImageError
+from torch.utils.data import Dataset
 from typing_extensions import override
 
+from tta.datamodules.preprocess import ORIGINAL, Preprocess, collate_with_originals, decode
 from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
 from tta.models.vlm import check_class_names
 
@@ -61,29 +61,17 @@ def scan_class_folders(
     return classes
 
 
-def image_transform(image_size: int) -> v2.Compose:
-    """PIL image -> float ``3 x image_size x image_size`` in [0, 1]: shorter side resized
-    (bicubic, antialiased), centre crop."""
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-
-
 class ImageFilesDataset(Dataset):
-    """Samples of the batch contract from image files; ``index`` is the sample's position.
+    """Samples of the batch contract from image files; ``index`` is the sample's position,
+    ``original`` the image as decoded and ``image`` its ``preprocess``-ed model input.
 
     An image that fails to decode gives ``{"undecodable": its path}``; :func:`collate_skipping`
     leaves it out of the batch and names it.
     """
 
-    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess) -> None:
         self.samples = list(samples)
-        self.transform = image_transform(image_size)
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,11 +79,16 @@ class ImageFilesDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path, label, domain = self.samples[i]
         try:
-            with Image.open(path) as image:
-                pixels = self.transform(image.convert("RGB"))
+            original = decode(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return {"undecodable": str(path)}
-        return {"image": pixels.clamp(0, 1), "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
+        return {
+            "image": self.preprocess(original),
+            ORIGINAL: original,
+            "label": torch.tensor(label),
+            "index": torch.tensor(i),
+            "domain": domain,
+        }
 
 
 def collate_skipping(samples: list[dict], image_size: int) -> dict[str, Any]:
@@ -104,10 +97,11 @@ def collate_skipping(samples: list[dict], image_size: int) -> dict[str, Any]:
     an empty batch of the contract."""
     kept = [s for s in samples if "undecodable" not in s]
     batch = (
-        default_collate(kept)
+        collate_with_originals(kept)
         if kept
         else {
             "image": torch.zeros(0, 3, image_size, image_size),
+            ORIGINAL: [],
             "label": torch.zeros(0, dtype=torch.long),
             "index": torch.zeros(0, dtype=torch.long),
             "domain": [],
@@ -126,6 +120,8 @@ class ImageFilesDataModule(StreamDataModule):
     that fail to decode are left out of their batch and counted in its ``skipped_images``, their
     files in ``skipped_paths`` (the prediction writer sums them into ``metrics.json`` and names
     the first at the end), or, with ``on_bad_image="error"``, stop the run at the first one.
+    Images reach the model as ``preprocess`` makes them (``tta.datamodules.preprocess``), with the
+    original beside them.
     """
 
     def __init__(
@@ -134,7 +130,7 @@ class ImageFilesDataModule(StreamDataModule):
         class_names: Sequence[str],
         domains: Sequence[str],
         name: str,
-        image_size: int,
+        preprocess: Preprocess,
         batch_size: int,
         num_workers: int,
         stream: str,
@@ -146,17 +142,18 @@ class ImageFilesDataModule(StreamDataModule):
         if on_bad_image not in BAD_IMAGE_CHOICES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_CHOICES}, got {on_bad_image!r}")
         self.on_bad_image = on_bad_image
-        if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
+        if int(batch_size) < 1 or int(num_workers) < 0:
             raise ValueError(
-                f"batch_size and image_size must be positive and num_workers >= 0, got "
-                f"{batch_size}, {image_size}, {num_workers}: fix data.batch_size / image_size / num_workers"
+                f"batch_size must be positive and num_workers >= 0, got {batch_size}, {num_workers}: "
+                "fix data.batch_size / num_workers"
             )
         self.class_names = check_class_names(class_names)
         self.domains, self.name = list(domains), name
-        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.preprocess, self.image_size = preprocess, int(preprocess.size)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         check_stream(stream, dirichlet_alpha)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
-        self.dataset = ImageFilesDataset(samples, self.image_size)
+        self.dataset = ImageFilesDataset(samples, preprocess)
         labels = torch.tensor([label for _, label, _ in self.dataset.samples], dtype=torch.long)
         domain_of = [domain for _, _, domain in self.dataset.samples]
         self.order = order_within_domains(
@@ -184,9 +181,10 @@ class ImageFolderDataModule(ImageFilesDataModule):
 
     Classes are the folders in sorted order; ``class_names`` (same order, same count) gives
     them readable names for the text prompts, otherwise the folder names are used with
-    underscores as spaces. Images are resized (shorter side) and centre-cropped to
-    ``image_size``, RGB, in [0, 1]. ``stream`` orders the samples (see
-    ``tta.datamodules.streams``); the default "iid" shuffles them, since folder order is
+    underscores as spaces. Images are resized to ``image_size`` as the model's preprocessing says
+    (``resize_mode``, ``interpolation``: see ``tta.datamodules.preprocess``), RGB, in [0, 1].
+    ``stream`` orders the samples (see ``tta.datamodules.streams``); the default "iid" shuffles
+    them, since folder order is
     sorted by class, the worst case for batch-level methods. Images that fail to decode are
     skipped and counted (``skipped_images``), or stop the run (``on_bad_image="error"``).
 
@@ -200,6 +198,8 @@ class ImageFolderDataModule(ImageFilesDataModule):
         class_names: Sequence[str] | None = None,
         domain: str | None = None,
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
@@ -234,7 +234,7 @@ class ImageFolderDataModule(ImageFilesDataModule):
             class_names,
             [name],
             name,
-            image_size,
+            Preprocess(image_size, resize_mode, interpolation),
             batch_size,
             num_workers,
             stream,

@@ -41,11 +41,13 @@ def labels_by_folder(datamodule) -> dict[str, set[int]]:
 # --- class names -------------------------------------------------------------------------------
 
 
-def test_imagenet_names_are_unique_and_only_the_duplicates_change():
+def test_imagenet_names_are_clips_and_the_unique_list_changes_only_the_duplicates():
     raw = json.loads(files("tta.data").joinpath("imagenet.json").read_text())
-    names = imagenet_metadata()["classnames"]
-    assert len(names) == len(set(names)) == 1000
-    changed = [wnid for wnid, a, b in zip(raw["wnids"], raw["classnames"], names) if a != b]
+    _, names = imagenet_classes("imagenet")
+    assert names == raw["classnames"] and len(set(names)) == 998  # "missile", "sunglasses" twice
+    wnids, unique = imagenet_classes("imagenet", "unique")
+    assert len(unique) == len(set(unique)) == 1000
+    changed = [wnid for wnid, a, b in zip(wnids, names, unique) if a != b]
     assert changed == sorted(DUPLICATE_RENAMES)
 
 
@@ -144,7 +146,9 @@ def test_undecodable_images_are_skipped_and_counted(image_tree):
     )
     datamodule = ImageFolderDataModule(image_tree, image_size=8, batch_size=2, stream="sorted")
     found = batches(datamodule)
-    assert all(set(b) == {"image", "label", "index", "domain", "skipped_images", "skipped_paths"} for b in found)
+    assert all(
+        set(b) == {"image", "original", "label", "index", "domain", "skipped_images", "skipped_paths"} for b in found
+    )
     assert sorted(p.rsplit("/", 1)[-1] for b in found for p in b["skipped_paths"]) == ["broken.jpg", "truncated.png"]
     index = torch.cat([b["index"] for b in found]).tolist()
     assert len(index) == len(datamodule.dataset) - 2 and sum(b["skipped_images"] for b in found) == 2

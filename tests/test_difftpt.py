@@ -226,6 +226,35 @@ def test_pregenerate_needs_a_datamodule(world_module, tmp_path):
         trainer.predict(world_module, dataloaders=data.predict_dataloader())
 
 
+def test_diffusion_views_condition_on_the_whole_image_squashed_not_the_centre_crop(world_module, tmp_path):
+    """The reference conditions the image-variation model on the full image squashed to its CLIP
+    input (224 x 224 for the real weights, 32 here), bicubic, no crop: a wide image's red left
+    edge, which the model's centre crop cuts away, is in the conditioning image."""
+    from PIL import Image
+
+    from tta.datamodules import ImageFolderDataModule
+
+    wide = torch.zeros(40, 120, 3, dtype=torch.uint8)
+    wide[:, :, 2] = 255
+    wide[:, :20] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # the left sixth is red
+    for folder in ("a", "b"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.fromarray(wide.numpy()).save(tmp_path / "data" / folder / "x.png")
+    data = ImageFolderDataModule(tmp_path / "data", image_size=64, batch_size=2)
+    callback = DiffTPT(tiny_generator(), n_views=2, steps=1, seed=0)
+    conditions = []
+    real_views = callback.generator.views
+    callback.generator.views = lambda images, seeds: conditions.append(images) or real_views(images, seeds)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
+    module = ZeroShotClassifier(world_module.vlm)
+    module.class_names = None
+    trainer.predict(module, datamodule=data)
+    assert data.dataset[0]["image"][0].max() < 0.05  # the model's input: the blue centre crop
+    (condition,) = conditions
+    assert condition.shape == (2, 3, 32, 32)  # the tiny pipeline's CLIP input, the whole image squashed
+    assert condition[:, 0, :, :4].min() > 0.9 and condition[:, 2, :, :4].max() < 0.1  # the red edge is there
+
+
 def test_damaged_cache_files_are_regenerated_with_a_warning_naming_them(world_module, tmp_path, caplog):
     """A damaged header, randomised pixels under an intact header, and another image's valid file
     in place: each is found on read, named in one warning, and regenerated, so the predictions are

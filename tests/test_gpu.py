@@ -213,7 +213,8 @@ class Probes:
                 self.watch(cls, "encode_views", lambda a, r: self.run.record("view features", r))
             if "adapt" in vars(cls):
                 self.watch(cls, "adapt", lambda a, r: self.run.record("method state", r, vars(a[0])))
-        self.watch(EpisodicTTA, "grad_scaler", lambda a, r: self.run.scalers.append(r))
+        for cls in (TPT, DiffTPT):  # the run's loss scaler each step used (None outside fp16)
+            self.watch(cls, "adapt", lambda a, r: self.run.scalers.append(a[0].grad_scaler))
         self.watch(PromptLearner, "text_features", self._prompt)
         self.watch(DiffusionViewGenerator, "views", lambda a, r: self.run.record("diffusion views", a[1], r))
         self.watch(LAME, "process_batch", lambda a, r: self.run.record("LAME", r))
@@ -394,7 +395,7 @@ def test_tpt_step_under_fp16_with_the_loss_scaler(device):
     prompt = PromptLearner(vlm, CLASS_NAMES).to(device)
     images = render_single(4, seed=5).images.to(device)
     with torch.no_grad():
-        features = vlm.encode_image(make_views(images, 16, list(range(4))).flatten(0, 1)).view(4, 16, -1)
+        features = vlm.encode_image(make_views(list(images), images, 16, list(range(4))).flatten(0, 1)).view(4, 16, -1)
     fp32 = tpt_adapt(prompt, features, vlm.logits)
     scaler = torch.amp.GradScaler(device, init_scale=1000)
     fp16 = tpt_adapt(prompt, features, vlm.logits, autocast=torch.autocast(device, dtype=torch.float16), scaler=scaler)

@@ -303,6 +303,8 @@ def test_callback_with_the_prediction_writer(tmp_path):
     assert len(rows) == 12 and rows[0]["shape"] == "2x2" and rows[0]["group_score_zs"] in ("0", "1")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "ttm" and metrics["n"] == 12 and metrics["adapt_ms_per_sample"] > 0
+    # the fit runs before the first batch: each group's ms includes its share of it
+    assert all(float(t["ms"]) >= float(t["adapt_ms"]) > 0 for t in read_rows(tmp_path / "timing.csv"))
     assert {"text_score", "image_score", "group_score", "group_match", "group_score_zs"} <= set(metrics)
     assert set(metrics["domains"]) == {"clean", "noise@1"} and "group_match_zs" in metrics["domains"]["clean"]
     assert metrics["group_score"] == pytest.approx(sum(int(r["group_score"]) for r in rows) / 12)

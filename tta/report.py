@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from tta.metrics.classification import ECE_BINS
+from tta.metrics.calibration import reliability
 
 CLEAN = "clean"
 Group = tuple[str, str, str, Any]  # method, model, data, severity (None if the data has none)
@@ -276,16 +275,11 @@ def reliability_plot(runs: list[dict[str, Any]], path: Path) -> bool:
     if not pooled:
         return False
     fig, axes = plt.subplots(1, len(pooled), figsize=(3.2 * len(pooled), 3.4), squeeze=False)
-    edges = torch.linspace(0, 1, ECE_BINS + 1)
     for ax, (method, (confidence, correct)) in zip(axes[0], pooled.items()):
-        conf, hit = torch.tensor(confidence, dtype=torch.float64), torch.tensor(correct, dtype=torch.float64)
-        bins = torch.bucketize(conf, edges[1:-1].double(), right=True)
-        count = torch.bincount(bins, minlength=ECE_BINS).double()
-        accuracy = torch.bincount(bins, hit, minlength=ECE_BINS) / count.clamp(min=1)
-        mean_conf = torch.bincount(bins, conf, minlength=ECE_BINS) / count.clamp(min=1)
-        ece = float((count / count.sum() * (accuracy - mean_conf).abs()).sum())
-        centres, width = (edges[:-1] + edges[1:]) / 2, 1 / ECE_BINS
-        used = count > 0
+        bins = reliability(confidence, correct)
+        centres, accuracy, mean_conf, ece = bins.centres, bins.accuracy, bins.confidence, bins.ece
+        width = centres[1] - centres[0]
+        used = bins.count > 0
         ax.bar(centres[used], accuracy[used], width=width, edgecolor="black", linewidth=0.5, label="accuracy")
         ax.bar(
             centres[used],
@@ -300,7 +294,7 @@ def reliability_plot(runs: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
-        ax.set_title(f"{method}\nECE {ece:.3f}, {len(conf)} samples", fontsize=9)
+        ax.set_title(f"{method}\nECE {ece:.3f}, {len(confidence)} samples", fontsize=9)
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()

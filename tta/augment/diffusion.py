@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 CACHE_FORMAT = 2  # bump when the stored layout changes (2: key and checksum inside each file)
 
 log = logging.getLogger(__name__)
+
+
+def require_difftpt_extra() -> None:
+    """One line naming the extra to install when diffusers or transformers is missing (they are
+    not installed by default: only DiffTPT needs them)."""
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"DiffTPT needs diffusers and transformers ({error}): install the extra with pip install 'tta[difftpt]'"
+        ) from error
 
 
 def tiny_image_variation_pipeline(seed: int = 0):
@@ -175,6 +187,7 @@ class DiffusionViewGenerator:
             raise ValueError(f"height and width must be multiples of 8 (or None), got {height} and {width}")
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        require_difftpt_extra()
         if scheduler is not None:
             import diffusers
 
@@ -384,13 +397,37 @@ class DiffusionViewGenerator:
             self.n_generated += len(chunk)
         return torch.cat(chunks).view(len(images), self.n_views, *chunks[0].shape[1:])
 
+    @property
+    def condition_size(self) -> tuple[int, int]:
+        """The pipeline's CLIP input size (224 x 224 for DiffTPT's weights); needs :meth:`load`."""
+        crop = self.pipeline.feature_extractor.crop_size
+        return (crop, crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
+
+    def squash(self, originals: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+        """``B x 3 x h x w`` float: each image as loaded (uint8 ``3 x H x W``), whole, squashed to
+        :attr:`condition_size` (bicubic, antialiased, no crop), as DiffTPT conditions on it."""
+        return torch.stack(
+            [
+                F.interpolate(
+                    original.to(device).float()[None] / 255,
+                    size=self.condition_size,
+                    mode="bicubic",
+                    antialias=True,
+                    align_corners=False,
+                )[0].clamp(0, 1)
+                for original in originals
+            ]
+        )
+
     def clip_condition(self, images: torch.Tensor) -> torch.Tensor:
         """The images as the pipeline's image encoder takes them: resized (bicubic) to its CLIP input
-        size and normalised with its feature extractor's mean and std."""
+        size (a no-op for :meth:`squash`'s output) and normalised with its feature extractor's mean
+        and std."""
         processor = self.pipeline.feature_extractor
-        crop = processor.crop_size
-        size = (crop, crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
-        resized = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        size = self.condition_size
+        resized = images.float()
+        if tuple(resized.shape[-2:]) != size:
+            resized = F.interpolate(resized, size=size, mode="bicubic", antialias=True, align_corners=False)
         mean = torch.tensor(processor.image_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_std, device=images.device).view(1, 3, 1, 1)
         return (resized.clamp(0, 1) - mean) / std
@@ -407,8 +444,9 @@ class DiffusionViewGenerator:
         self, batches: Iterable[dict[str, Any]], sample_seed: Callable[[int], int], device: torch.device | str = "cpu"
     ) -> int:
         """Pre-pass: generate (or find cached) the views of every image of ``batches`` (dicts with
-        ``image`` and ``index``, e.g. a datamodule's ``predict_dataloader()``); ``sample_seed`` maps a
-        sample index to its seed. Returns the number of images. Needs ``cache_dir``."""
+        ``original``, the images as loaded, conditioned on through :meth:`squash`, or else ``image``,
+        and ``index``, e.g. a datamodule's ``predict_dataloader()``); ``sample_seed`` maps a sample
+        index to its seed. Returns the number of images. Needs ``cache_dir``."""
         if self.cache_dir is None:
             raise ValueError("fill_cache stores views in cache_dir: give a cache_dir")
         self.load(device)
@@ -417,7 +455,8 @@ class DiffusionViewGenerator:
             if len(batch["index"]) == 0:
                 continue
             seeds = [sample_seed(i) for i in batch["index"].tolist()]
-            self.views(batch["image"].to(device), seeds)
+            images = self.squash(batch["original"], device) if "original" in batch else batch["image"].to(device)
+            self.views(images, seeds)
             n += len(seeds)
         return n
 
