@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from tta.datamodules.folder import ImageFilesDataModule
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
-from tta.datamodules.preprocess import ORIGINAL, Preprocess, collate_with_originals
+from tta.datamodules.preprocess import Preprocess, classification_sample, collate_with_originals
 from tta.datamodules.streams import StreamDataModule, order_within_domains
 
 CORRUPTIONS = (
@@ -161,13 +161,7 @@ class ArrayImageDataset(Dataset):
         key, row, label, domain = self.rows[i]
         # a copy: rows of a read-only memory map would make torch warn that the array is not writable
         original = torch.from_numpy(np.array(self.arrays[key][row])).permute(2, 0, 1).contiguous()
-        return {
-            "image": self.preprocess(original),
-            ORIGINAL: original,
-            "label": torch.tensor(label),
-            "index": torch.tensor(i),
-            "domain": domain,
-        }
+        return classification_sample(original, self.preprocess, label, i, domain)
 
 
 class CIFAR10CDataModule(StreamDataModule):

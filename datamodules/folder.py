@@ -16,7 +16,7 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from tta.datamodules.preprocess import ORIGINAL, Preprocess, collate_with_originals, decode
+from tta.datamodules.preprocess import ORIGINAL, Preprocess, classification_sample, collate_with_originals, decode
 from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
 from tta.models.vlm import check_class_names
 
@@ -82,13 +82,7 @@ class ImageFilesDataset(Dataset):
             original = decode(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return {"undecodable": str(path)}
-        return {
-            "image": self.preprocess(original),
-            ORIGINAL: original,
-            "label": torch.tensor(label),
-            "index": torch.tensor(i),
-            "domain": domain,
-        }
+        return classification_sample(original, self.preprocess, label, i, domain)
 
 
 def collate_skipping(samples: list[dict], image_size: int) -> dict[str, Any]:

@@ -80,6 +80,17 @@ def decode(path: Path) -> torch.Tensor:
         return pil_to_tensor(image.convert("RGB"))
 
 
+def classification_sample(original: torch.Tensor, preprocess: Preprocess, label: int, index: int, domain: str) -> dict:
+    """One sample of the classification batch contract: the model's input beside the original."""
+    return {
+        "image": preprocess(original),
+        ORIGINAL: original,
+        "label": torch.tensor(label),
+        "index": torch.tensor(index),
+        "domain": domain,
+    }
+
+
 def collate_with_originals(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """PyTorch's default collate for everything but ``original``, which stays a list."""
     originals = [sample[ORIGINAL] for sample in samples]
