@@ -80,12 +80,14 @@ def decode(path: Path) -> torch.Tensor:
         return pil_to_tensor(image.convert("RGB"))
 
 
-def classification_sample(original: torch.Tensor, preprocess: Preprocess, label: int, index: int, domain: str) -> dict:
+def classification_sample(
+    original: torch.Tensor, preprocess: Preprocess, label: int | torch.Tensor, index: int, domain: str
+) -> dict:
     """One sample of the classification batch contract: the model's input beside the original."""
     return {
         "image": preprocess(original),
         ORIGINAL: original,
-        "label": torch.tensor(label),
+        "label": torch.as_tensor(label),
         "index": torch.tensor(index),
         "domain": domain,
     }

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from tta.datamodules.preprocess import ORIGINAL, Preprocess, collate_with_originals
+from tta.datamodules.preprocess import Preprocess, classification_sample, collate_with_originals
 from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
 from tta.world import CLASS_NAMES, DOMAINS, check_domain, render_domain
 
@@ -27,13 +27,7 @@ class TensorDictDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "image": self.preprocess(self.originals[i]),
-            ORIGINAL: self.originals[i],
-            "label": self.labels[i],
-            "index": torch.tensor(i),
-            "domain": self.domains[i],
-        }
+        return classification_sample(self.originals[i], self.preprocess, self.labels[i], i, self.domains[i])
 
 
 class WorldDataModule(StreamDataModule):
