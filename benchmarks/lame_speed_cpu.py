@@ -10,25 +10,14 @@ and prints LAME's share of the zero-shot time (target: at most 10% added for rbf
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_ms
 
 from tta.methods.lame import laplacian_adjust
 from tta.models import create_vlm
 from tta.tasks import ZeroShotClassifier
 from tta.world import CLASS_NAMES, render_domain
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from timing import median_ms
 from torchvision.ops import roi_align
 
 from tta.augment import make_views
@@ -77,16 +76,6 @@ def dense_views(original: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     first = (rows.reshape(-1, height) @ pixels.permute(1, 0, 2).reshape(height, -1)).view(len(boxes), -1, width)
     views = torch.bmm(first, cols.transpose(1, 2)).view(len(boxes), size, channels, size).permute(0, 2, 1, 3)
     return torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views)
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def table_row(height: int, width: int, size: int, n_images: int, repeats: int, g: torch.Generator) -> str:
