@@ -212,9 +212,7 @@ class Probes:
             if "encode_views" in vars(cls):
                 self.watch(cls, "encode_views", lambda a, r: self.run.record("view features", r))
             if "adapt" in vars(cls):
-                self.watch(cls, "adapt", lambda a, r: self.run.record("method state", r, vars(a[0])))
-        for cls in (TPT, DiffTPT):  # the run's loss scaler each step used (None outside fp16)
-            self.watch(cls, "adapt", lambda a, r: self.run.scalers.append(a[0].grad_scaler))
+                self.watch(cls, "adapt", self._adapted)
         self.watch(PromptLearner, "text_features", self._prompt)
         self.watch(DiffusionViewGenerator, "views", lambda a, r: self.run.record("diffusion views", a[1], r))
         self.watch(LAME, "process_batch", lambda a, r: self.run.record("LAME", r))
@@ -233,6 +231,10 @@ class Probes:
                 self.run.fingerprints.append((before, model_fingerprint(model)))
 
         monkeypatch.setattr(pl.Trainer, "predict", predict)
+
+    def _adapted(self, args: tuple, result: Any) -> None:
+        self.run.record("method state", result, vars(args[0]))
+        self.run.scalers.append(args[0].grad_scaler)  # the run's loss scaler at this step (None outside fp16)
 
     def watch(self, owner: type, name: str, record: Callable[[tuple, Any], None]) -> None:
         original = getattr(owner, name)
