@@ -126,6 +126,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     """
     check_config(cfg)
     import pytorch_lightning as pl
+    import torch
 
     from tta.callbacks import PredictionWriter, TTAProgressBar
 
@@ -141,7 +142,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     module = instantiate(cfg.model)
     datamodule = instantiate(with_model_preprocessing(cfg.data, module.preprocessing))
     callbacks = tta_callbacks(cfg)
-    run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "torch_threads": int(threads.split()[0])}
+    run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "torch_threads": torch.get_num_threads()}
     writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg), run_info=run_info)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TTAProgressBar())
