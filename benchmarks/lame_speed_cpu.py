@@ -10,10 +10,9 @@ and prints LAME's share of the zero-shot time (target: at most 10% added for rbf
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_ms
 
 from tta.methods.lame import laplacian_adjust
 from tta.models import create_vlm
@@ -21,22 +20,12 @@ from tta.tasks import ZeroShotClassifier
 from tta.world import CLASS_NAMES, render_domain
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    module = ZeroShotClassifier(create_vlm("tta-world-vit"), class_names=CLASS_NAMES).eval()
+    module = ZeroShotClassifier(create_vlm("tta-world-resnet"), class_names=CLASS_NAMES).eval()
     images = render_domain("blur", 3, args.batch, seed=10_000).images
     with torch.inference_mode():
         out = module(images)

@@ -6,12 +6,15 @@ Each episode (seeds 20000, 20001, ...: the world_search data config's, disjoint 
 episodes 1000-1005 on which the learning rates were chosen) is rendered once and searched by
 arms with the same budget and start: the lawnmower sweep, the greedy planner on the unadapted
 (zero-shot) map, and the greedy planner with Search-TTA at the rates of the search_world
-experiment (1e-4 -> 1e-3) and, with ``--with-reference-lr``, at the reference rates (1e-6 -> 1e-5). The arms
-run through the same code as ``tta-predict`` (``SearchEpisodeRunner.search`` and
-``SearchTTA.session``), without Lightning's loop. Prints and writes a markdown report: mean,
-std and per-episode wins/ties/losses of the fraction found, steps to the first/middle/last
-target, the cost per update, and the gain split by how good the zero-shot map was (AUROC of the
-cell scores against "the cell holds a target"). One CPU thread.
+experiment (1e-4 -> 1e-3, everything else the reference's) and, with ``--with-reference-lr``, at
+the reference rates (1e-6 -> 1e-5). ``--with-centred`` adds the world option: the map centred
+(``bias=centred``) with the learning rate ramping over the budget instead of the grid cells,
+beside its own unadapted (centred) map. The arms run through the same code as ``tta-predict``
+(``SearchEpisodeRunner.search`` and ``SearchTTA.session``), without Lightning's loop. Prints
+and writes a markdown report: mean, std and per-episode wins/ties/losses of the fraction found
+against the arm's unadapted map, steps to the first/middle/last target, the cost per update,
+and the gain split by how good the zero-shot map was (AUROC of the cell scores against "the
+cell holds a target"). One CPU thread.
 """
 
 from __future__ import annotations
@@ -34,12 +37,25 @@ from tta.tasks import SearchEpisodeRunner
 from tta.tasks.search_runner import episode_query
 from tta.world.search import SearchWorld
 
-ARMS = {
-    "lawnmower": None,
-    "greedy, unadapted map": None,
-    "greedy + Search-TTA, lr 1e-4 -> 1e-3": (1e-4, 1e-3),
+UNADAPTED = "greedy, unadapted map"
+UNADAPTED_CENTRED = "greedy, unadapted centred map"
+#: arm -> (runner settings, SearchTTA settings or None, the unadapted arm it is paired with)
+ARMS: dict[str, tuple[dict, dict | None, str | None]] = {
+    "lawnmower": ({"planner": "lawnmower"}, None, UNADAPTED),
+    UNADAPTED: ({}, None, None),
+    "greedy + Search-TTA, lr 1e-4 -> 1e-3": ({}, {"lr_start": 1e-4, "lr_end": 1e-3}, UNADAPTED),
 }
-REFERENCE_ARM = {"greedy + Search-TTA, reference lr 1e-6 -> 1e-5": (1e-6, 1e-5)}
+REFERENCE_ARM = {
+    "greedy + Search-TTA, reference lr 1e-6 -> 1e-5": ({}, {"lr_start": 1e-6, "lr_end": 1e-5}, UNADAPTED),
+}
+CENTRED_ARMS = {
+    UNADAPTED_CENTRED: ({"bias": "centred"}, None, None),
+    "greedy + Search-TTA, centred map, lr 1e-4 -> 1e-3 over the budget": (
+        {"bias": "centred"},
+        {"lr_start": 1e-4, "lr_end": 1e-3, "lr_ramp_steps": 64},
+        UNADAPTED_CENTRED,
+    ),
+}
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:
@@ -57,15 +73,33 @@ def main() -> None:
         action="store_true",
         help="add the arm at the reference learning rates (doubles the run time)",
     )
+    parser.add_argument(
+        "--with-centred",
+        action="store_true",
+        help="add the world option (centred map, lr ramp over the budget) and its unadapted map",
+    )
+    parser.add_argument(
+        "--model", default="tta-world-vit", help="the map's model (the ViT: patch tokens score the cells)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_world.md")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only print the paired differences over the episodes of these per-episode CSVs (runs split by --seed)",
+    )
     args = parser.parse_args()
+    if args.merge:
+        print("\n".join(merged_pairs(args.merge)))
+        return
     torch.set_num_threads(1)
     if args.with_reference_lr:
         ARMS.update(REFERENCE_ARM)
-    vlm = create_vlm("tta-world-vit")
-    greedy = SearchEpisodeRunner(vlm, planner="greedy", budget=args.budget)
-    lawnmower = SearchEpisodeRunner(vlm, planner="lawnmower", budget=args.budget)
-    callbacks = {name: SearchTTA(lr_start=lrs[0], lr_end=lrs[1], seed=0) for name, lrs in ARMS.items() if lrs}
+    if args.with_centred:
+        ARMS.update(CENTRED_ARMS)
+    vlm = create_vlm(args.model)
+    runners = {name: SearchEpisodeRunner(vlm, budget=args.budget, **runner) for name, (runner, _, _) in ARMS.items()}
+    callbacks = {name: SearchTTA(seed=0, **tta) for name, (_, tta, _) in ARMS.items() if tta}
     episodes = WorldEpisodes(
         [args.seed + k for k in range(args.episodes)], [args.domain] * args.episodes, 3, SearchWorld(), "text"
     )
@@ -81,15 +115,19 @@ def main() -> None:
             "n_targets": int(counts.sum()),
             "map_auroc": float(binary_auroc(scores, (counts.flatten() > 0).long())),
         }
-        results = {"lawnmower": lawnmower.search(batch, 0), "greedy, unadapted map": greedy.search(batch, 0)}
-        for name, callback in callbacks.items():
+        results = {}
+        for name, runner in runners.items():
+            if name not in callbacks:
+                results[name] = runner.search(batch, 0)
+                continue
             cpu_start = time.process_time()
-            session = callback.session(greedy, batch, 0)
+            session = callbacks[name].session(runner, batch, 0)
             results[name] = search_with_tta(session, counts, args.budget, "greedy")
             row[f"cpu_ms[{name}]"] = (time.process_time() - cpu_start) * 1000
         for name, result in results.items():
             row[name] = result
         rows.append(row)
+        write_episode_csv(rows, args.out.with_name(args.out.stem + "_episodes.csv"))  # kept if the run is cut short
         print(
             f"episode {k}: {row['n_targets']} targets, map AUROC {row['map_auroc']:.2f}, found "
             + ", ".join(f"{r.found}" for r in results.values()),
@@ -100,7 +138,6 @@ def main() -> None:
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    write_episode_csv(rows, args.out.with_name(args.out.stem + "_episodes.csv"))
 
 
 def write_episode_csv(rows: list[dict], path: Path) -> None:
@@ -110,25 +147,52 @@ def write_episode_csv(rows: list[dict], path: Path) -> None:
         writer.writerow(
             ["episode", "n_targets", "map_auroc"]
             + [f"found[{n}]" for n in names]
-            + [f"updates[{n}]" for n in names if ARMS[n]]
+            + [f"updates[{n}]" for n in names if ARMS[n][1]]
         )
         for row in rows:
             writer.writerow(
                 [row["episode"], row["n_targets"], f"{row['map_auroc']:.4f}"]
                 + [row[n].found for n in names]
-                + [row[n].n_updates for n in names if ARMS[n]]
+                + [row[n].n_updates for n in names if ARMS[n][1]]
             )
+
+
+def merged_pairs(paths: list[Path]) -> list[str]:
+    """Paired differences of every adapted arm against its unadapted map over the episodes of
+    several per-episode CSVs (one run split into seed ranges)."""
+    rows = [row for path in paths for row in csv.DictReader(path.read_text().splitlines())]
+    arms = {**ARMS, **REFERENCE_ARM, **CENTRED_ARMS}
+    lines = [f"{len(rows)} episodes from {', '.join(str(p) for p in paths)}"]
+    for name, (_, tta, baseline) in arms.items():
+        if not tta or f"found[{name}]" not in rows[0]:
+            continue
+        kept = [r for r in rows if int(r["n_targets"])]
+        diffs = [100 * (int(r[f"found[{name}]"]) - int(r[f"found[{baseline}]"])) / int(r["n_targets"]) for r in kept]
+        wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        fraction = statistics.fmean(int(r[f"found[{name}]"]) / int(r["n_targets"]) for r in kept)
+        unadapted = statistics.fmean(int(r[f"found[{baseline}]"]) / int(r["n_targets"]) for r in kept)
+        error = statistics.stdev(diffs) / len(diffs) ** 0.5
+        lines.append(
+            f"{name}: {100 * fraction:.1f}% found against {100 * unadapted:.1f}% on the "
+            f"{baseline.removeprefix('greedy, ')}; paired {statistics.fmean(diffs):+.1f} points (standard error "
+            f"{error:.1f}), W/T/L {wins}/{len(diffs) - wins - losses}/{losses}"
+        )
+    return lines
 
 
 def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> str:
     names = list(ARMS)
-    baseline = "greedy, unadapted map"
+    flags = "".join(
+        f" {flag}"
+        for flag, on in (("--with-reference-lr", args.with_reference_lr), ("--with-centred", args.with_centred))
+        if on
+    )
     lines = [
         f"# Search-TTA on the offline world ({len(rows)} episodes, domain {args.domain})",
         "",
-        f"`python benchmarks/search_world.py --episodes {args.episodes}"
-        f"{' --with-reference-lr' if args.with_reference_lr else ''}` (seeds {args.seed}-{args.seed + len(rows) - 1}; "
-        f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, shipped tta-world-vit, "
+        f"`python benchmarks/search_world.py --episodes {args.episodes}{flags}` "
+        f"(seeds {args.seed}-{args.seed + len(rows) - 1}; "
+        f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, {args.model}, "
         f"1 CPU thread; whole run {total_s / 60:.1f} min, load average at the end {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores).",
         "",
@@ -138,8 +202,10 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
         "adapted episode (session set-up and planning included) per update, median over episodes: the cost on "
         "an unshared core (the wall time was measured on a 2-core machine shared with other jobs, load average "
         "in the header). Steps: mean over the episodes that reached that target (how many in brackets). "
-        "W/T/L: episodes "
-        f"where the arm found more / as many / fewer targets than the {baseline}.",
+        "W/T/L: episodes where the arm found more / as many / fewer targets than its unadapted map "
+        f"({UNADAPTED}, or the centred one for the centred arm). Map: sigmoid(cos / 0.07), no bias "
+        "(the reference's), blurred 5 x 5 (sigma 1.1, reflected borders); centred: minus the episode's mean "
+        "cosine inside the sigmoid.",
         "",
         "| arm | fraction found | std | targets found (pooled) | steps to first | to middle | to last "
         "| W/T/L vs unadapted | updates / episode | ms / update (wall) | CPU ms / update |",
@@ -153,28 +219,28 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
         for which in ("first", "middle", "last"):
             reached = [r.steps_to(which) for r in results if r.steps_to(which) is not None]
             steps[which] = f"{fmt(statistics.fmean(reached) if reached else None)} ({len(reached)})"
-        wtl = "-"
-        if name != baseline:
+        wtl, baseline, adapted = "-", ARMS[name][2], ARMS[name][1] is not None
+        if baseline:
             diffs = [a[name].found - a[baseline].found for a in rows]
             wtl = f"{sum(d > 0 for d in diffs)}/{sum(d == 0 for d in diffs)}/{sum(d < 0 for d in diffs)}"
         updates = [r.n_updates for r in results]
-        cpu = [a[f"cpu_ms[{name}]"] / a[name].n_updates for a in rows if a[name].n_updates] if ARMS[name] else []
+        cpu = [a[f"cpu_ms[{name}]"] / a[name].n_updates for a in rows if a[name].n_updates] if adapted else []
         costs = [ms for r in results for ms in r.update_ms]
         lines.append(
             f"| {name} | {100 * statistics.fmean(fractions):.1f}% | {100 * statistics.pstdev(fractions):.1f} | "
             f"{100 * sum(r.found for r in results) / total_targets:.1f}% | {steps['first']} | {steps['middle']} | "
-            f"{steps['last']} | {wtl} | {fmt(statistics.fmean(updates)) if ARMS[name] else '-'} | "
+            f"{steps['last']} | {wtl} | {fmt(statistics.fmean(updates)) if adapted else '-'} | "
             f"{fmt(statistics.median(costs), '.0f') if costs else '-'} | "
             f"{fmt(statistics.median(cpu), '.0f') if cpu else '-'} |"
         )
-    paired = [name for name in names if ARMS[name]]
-    for name in paired:
+    for name in [n for n in names if ARMS[n][1]]:
+        baseline = ARMS[name][2]
         diffs = [100 * (r[name].found_fraction - r[baseline].found_fraction) for r in rows if r["n_targets"]]
         error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         lines += [
             "",
-            f"{name} minus the unadapted map, paired over episodes: {statistics.fmean(diffs):+.1f} points "
-            f"of fraction found (standard error {error:.1f}).",
+            f"{name} minus the {baseline.removeprefix('greedy, ')}, paired over episodes: "
+            f"{statistics.fmean(diffs):+.1f} points of fraction found (standard error {error:.1f}).",
         ]
     # the gain by the quality of the zero-shot map
     lines += [

@@ -1,12 +1,19 @@
-"""TPT and STS on a GPU: open_clip ViT-B/16 (random weights), 1000 ImageNet class names, 64 views.
+"""TPT, STS and LAME on a GPU: open_clip ViT-B/16 (random weights), 1000 ImageNet class names, 64 views.
 
-    python benchmarks/tpt_sts_gpu.py [--images 32] [--batch 8]      # about 2-3 minutes on one H200
+    python benchmarks/tpt_sts_gpu.py [--images 32] [--batch 8] [--out benchmarks/results/tpt_sts_gpu.md]
+    python benchmarks/tpt_sts_gpu.py --device cpu --images 2 --classes 20 --views 4   # smoke test of the script
 
-Prints one table (ms per image, peak GB) for: zero-shot over 64 views; a straightforward
-reference-style TPT (fp32 weights under fp16 autocast with a GradScaler(init_scale=1000), full
-77-token prompts, one image at a time); our TPT (bf16 autocast, sequences cut at the longest
-end-of-text token, several images at once); our STS. Random weights change nothing about the
-cost. Timings are after warm-up, with CUDA synchronisation, over the same images and views.
+Prints one table (method, precision, ms per image, peak GB, time relative to the reference-style
+TPT) and, with ``--out``, writes it there. Rows, all over the same images and per-sample views:
+zero-shot over the views; a straightforward reference-style TPT (fp32 weights under fp16
+autocast with a GradScaler(init_scale=1000), full 77-token prompts, every class prompt run
+whole, one image at a time); our TPT one image at a time in bf16 and in fp16 with the loss
+scaler; our TPT several images at once with checkpointed text blocks, with and without the
+shared prefix (start token + context computed once per image instead of once per class); our
+STS; zero-shot on the original view alone and with LAME over the whole set as one batch.
+Random weights change nothing about the cost. Each row runs once to warm up, then is timed
+with CUDA synchronisation; peak GB is the most memory allocated while it ran, model included.
+About a minute on one H200 (estimated from FLOPs; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from importlib.resources import files
+from pathlib import Path
 
 import torch
 
 from tta.augment import make_views
 from tta.callbacks.base import sample_seed
 from tta.methods.entropy import marginal_entropy, select_confident
+from tta.methods.lame import laplacian_adjust
 from tta.methods.sts import spectral_basis, sts_adapt
 from tta.methods.tpt import tpt_adapt
 from tta.models import PromptLearner, create_vlm
@@ -38,7 +48,8 @@ def imagenet_class_names() -> list[str]:
     return unique
 
 
-def measure(fn, device: torch.device):
+def measure(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Seconds and peak GB (NaN on the CPU) of one call of ``fn``."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -53,97 +64,169 @@ def measure(fn, device: torch.device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="images adapted at once in the batched rows")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     parser.add_argument("--classes", type=int, default=1000, help="fewer only to smoke-test the script")
     parser.add_argument("--views", type=int, default=64, help="fewer only to smoke-test the script")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "torch sees no CUDA device (torch.cuda.is_available() is False): run this on a machine with an "
+            "NVIDIA GPU and a CUDA build of torch, or smoke-test the script with "
+            "--device cpu --images 2 --classes 20 --views 4"
+        )
+    batch = min(args.batch, args.images)
+    if args.images % batch:
+        parser.error(f"--images ({args.images}) must be a multiple of --batch ({args.batch})")
     torch.backends.cuda.matmul.allow_tf32 = True
     vlm = create_vlm("ViT-B-16", pretrained=None, device=device)
     names = imagenet_class_names()[: args.classes]
     images = torch.rand(args.images, 3, 224, 224, device=device)
+    # the images as loaded, ImageNet-sized: views are cropped from them (on the device)
+    originals = [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8) for _ in range(args.images)]
     seeds = [sample_seed(0, i) for i in range(args.images)]
     n = args.images
-    # the reference's fp16 autocast (bf16 in a CPU smoke test, where fp16 kernels crawl)
-    fp16 = lambda: torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)  # noqa: E731
-    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    # autocast in fp16 (the reference's) and bf16 on CUDA; a CPU smoke test runs in fp32, where
+    # half-precision matmuls crawl on CPUs without bf16 instructions (100x slower)
+    cuda = device.type == "cuda"
+    fp16 = lambda: torch.autocast(device.type, dtype=torch.float16, enabled=cuda)  # noqa: E731
+    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)  # noqa: E731
+
+    def scaler() -> torch.amp.GradScaler:  # fresh for every image, as the callbacks make it
+        return torch.amp.GradScaler(device.type, init_scale=1000, enabled=cuda)
 
     with torch.no_grad(), bf16():
         class_features = vlm.class_text_features(names, ["a photo of a {}."]).float()
 
     def view_features(i: int, b: int, autocast) -> torch.Tensor:
+        """``b x V x D`` features of images ``i..i+b``, in the autocast dtype (as the callbacks keep them)."""
         with torch.no_grad(), autocast():
-            views = make_views(images[i : i + b], args.views, seeds[i : i + b])
-            return vlm.encode_image(views.flatten(0, 1)).float().view(b, args.views, -1)
+            views = make_views(originals[i : i + b], images[i : i + b], args.views, seeds[i : i + b])
+            return vlm.encode_image(views.flatten(0, 1)).view(b, args.views, -1)
 
     def zero_shot():
-        for i in range(0, n, args.batch):
-            feats = view_features(i, args.batch, bf16)
-            vlm.logits(feats[:, 0], class_features).argmax(-1)
+        for i in range(0, n, batch):
+            feats = view_features(i, batch, bf16)
+            with bf16():
+                vlm.logits(feats[:, 0], class_features).argmax(-1)
 
-    full_prompt = PromptLearner(vlm, names, truncate=False)
+    reference_prompt = PromptLearner(vlm, names, truncate=False, share_prefix=False)
 
     def reference_tpt():
         for i in range(n):
             feats = view_features(i, 1, fp16)[0]
-            context = full_prompt.initial_context.clone().requires_grad_(True)
+            context = reference_prompt.initial_context.clone().requires_grad_(True)
             optimizer = torch.optim.AdamW([context], lr=5e-3)
-            scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=device.type == "cuda")
+            loss_scaler = scaler()
             with fp16():
-                logits = vlm.logits(feats, full_prompt.text_features(context))
+                logits = vlm.logits(feats, reference_prompt.text_features(context))
                 selected = select_confident(logits.detach().unsqueeze(0), 0.1)[0]
                 loss = marginal_entropy(logits[selected].unsqueeze(0)).sum()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss_scaler.scale(loss).backward()
+            loss_scaler.step(optimizer)
+            loss_scaler.update()
             with torch.no_grad(), fp16():
-                vlm.logits(feats[:1], full_prompt.text_features(context)).argmax(-1)
+                vlm.logits(feats[:1], reference_prompt.text_features(context)).argmax(-1)
 
     prompt = PromptLearner(vlm, names)
+    whole_prompt = PromptLearner(vlm, names, share_prefix=False)
 
-    def our_tpt_one():
-        for i in range(n):
-            tpt_adapt(prompt, view_features(i, 1, bf16), vlm.logits, autocast=bf16()).logits.argmax(-1)
+    def our_tpt_one(autocast, with_scaler: bool):
+        def fn():
+            for i in range(n):
+                tpt_adapt(
+                    prompt,
+                    view_features(i, 1, autocast),
+                    vlm.logits,
+                    autocast=autocast(),
+                    scaler=scaler() if with_scaler else None,
+                ).logits.argmax(-1)
 
-    def our_tpt():
-        for i in range(0, n, args.batch):
-            tpt_adapt(
-                prompt, view_features(i, args.batch, bf16), vlm.logits, autocast=bf16(), checkpoint=True
-            ).logits.argmax(-1)
+        return fn
+
+    def our_tpt(learner: PromptLearner):
+        def fn():
+            for i in range(0, n, batch):
+                tpt_adapt(
+                    learner, view_features(i, batch, bf16), vlm.logits, autocast=bf16(), checkpoint=True
+                ).logits.argmax(-1)
+
+        return fn
 
     basis = spectral_basis(class_features)
 
     def our_sts():
-        for i in range(0, n, args.batch):
-            sts_adapt(view_features(i, args.batch, bf16), class_features, basis, vlm.logits).logits.argmax(-1)
+        for i in range(0, n, batch):
+            sts_adapt(view_features(i, batch, bf16), class_features, basis, vlm.logits).logits.argmax(-1)
 
-    rows = []
-    for name, fn in (
-        ("zero-shot, 64 views (bf16)", zero_shot),
-        ("reference-style TPT (fp16 autocast, 77 tokens, 1 image)", reference_tpt),
-        (f"our TPT (bf16 autocast, {prompt.seq_len} tokens, 1 image at a time)", our_tpt_one),
+    def zero_shot_original(lame: bool):
+        def fn():
+            with torch.no_grad(), bf16():
+                features = vlm.encode_image(images)
+                logits = vlm.logits(features, class_features)
+            if lame:
+                laplacian_adjust(logits.float().softmax(-1), features.float()).argmax(-1)
+            else:
+                logits.argmax(-1)
+
+        return fn
+
+    seq = f"{prompt.seq_len} tokens"
+    b = batch
+    fp16_name, bf16_name = ("fp16 autocast + loss scaler", "bf16 autocast") if cuda else ("fp32 (CPU smoke)",) * 2
+    cases = (
+        (f"zero-shot, {args.views} views, {b} images at once", bf16_name, zero_shot),
         (
-            f"our TPT (bf16 autocast, {prompt.seq_len} tokens, {args.batch} images at once, checkpointed text blocks)",
-            our_tpt,
+            f"reference-style TPT: {reference_prompt.seq_len} tokens, every prompt whole, 1 image",
+            fp16_name,
+            reference_tpt,
         ),
-        ("our STS (64 views, bf16 encoders)", our_sts),
-    ):
+        (f"our TPT: {seq}, shared prefix, 1 image", bf16_name, our_tpt_one(bf16, False)),
+        (f"our TPT: {seq}, shared prefix, 1 image", fp16_name, our_tpt_one(fp16, True)),
+        (f"our TPT: {seq}, shared prefix, {b} images at once, checkpointed", bf16_name, our_tpt(prompt)),
+        (
+            f"our TPT: {seq}, every prompt whole, {b} images at once, checkpointed",
+            bf16_name,
+            our_tpt(whole_prompt),
+        ),
+        (f"our STS: {args.views} views, {b} images at once", bf16_name, our_sts),
+        (f"zero-shot, original view only, {n} images at once", bf16_name, zero_shot_original(False)),
+        (f"zero-shot + LAME (rbf), original view only, {n} images at once", bf16_name, zero_shot_original(True)),
+    )
+    rows = []
+    for name, precision, fn in cases:
         fn()  # warm-up
         seconds, peak = measure(fn, device)
-        rows.append((name, 1000 * seconds / n, peak))
-    print(
-        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} | ViT-B/16 random weights | "
-        f"{len(names)} classes | {args.views} views | {n} images"
+        rows.append((name, precision, 1000 * seconds / n, peak))
+    reference_ms = rows[1][2]
+    title = (
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} | torch {torch.__version__} | "
+        f"ViT-B/16 random weights | {len(names)} classes | {args.views} views | {n} images | "
+        f"shared prefix: start token + {prompt.n_ctx} context tokens of {prompt.seq_len}"
     )
-    print("| run | ms / image | peak GB |")
-    print("|---|---|---|")
-    for name, ms, peak in rows:
-        print(f"| {name} | {ms:.1f} | {peak:.2f} |")
-    print(
-        f"STS / zero-shot time: {rows[4][1] / rows[0][1]:.2f}x (target <= 1.3x); TPT: {rows[3][1]:.1f} ms, "
-        f"{rows[3][2]:.2f} GB (targets <= 25 ms, <= 4 GB), {rows[1][1] / rows[3][1]:.2f}x faster than the reference"
-    )
+    lines = [
+        title,
+        "",
+        "| method | precision | ms / image | peak GB | time / reference-style TPT |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {precision} | {ms:.1f} | {peak:.2f} | {ms / reference_ms:.2f} |"
+            for name, precision, ms, peak in rows
+        ),
+        "",
+        f"TPT, {b} images at once: {rows[4][2]:.1f} ms and {rows[4][3]:.2f} GB per image (targets <= 12 ms); "
+        f"1 image: {rows[2][2]:.1f} ms, {rows[2][3]:.2f} GB (targets <= 25 ms, <= 4 GB); "
+        f"shared prefix saves {1 - rows[4][2] / rows[5][2]:.0%} of the batched TPT's time",
+        f"STS / zero-shot time: {rows[6][2] / rows[0][2]:.2f}x (target <= 1.3x); "
+        f"LAME adds {rows[8][2] / rows[7][2] - 1:.0%} to a zero-shot batch (target <= 10%)",
+    ]
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

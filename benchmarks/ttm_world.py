@@ -122,8 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--model",
-        default="tta-world-vit",
-        help="a world model (TTM's loss follows it: InfoNCE for tta-world-vit, sigmoid for tta-world-vit-siglip or any model with a logit bias)",
+        default="tta-world-resnet",
+        help="a world model (TTM's loss follows it: InfoNCE for a CLIP, sigmoid for a model with a logit bias)",
     )
     parser.add_argument("--sweep-n", type=int, default=200)
     parser.add_argument("--n-per-cell", type=int, default=150, help="groups per kind and domain for TTM")

@@ -44,7 +44,7 @@ tta-report "$OUT/streams"
 
 step "3/4 TTM on the compositional groups"
 python benchmarks/ttm_world.py --model tta-world-vit --out "$OUT/ttm_world_vit.md" "${TTM_ARGS[@]}"
-python benchmarks/ttm_world.py --model tta-world-vit-siglip --out "$OUT/ttm_world_vit_siglip.md" "${TTM_ARGS[@]}"
+python benchmarks/ttm_world.py --model tta-world-resnet-siglip --out "$OUT/ttm_world_vit_siglip.md" "${TTM_ARGS[@]}"
 
 step "4/4 Search-TTA over $EPISODES episodes"
 python benchmarks/search_world.py --episodes "$EPISODES" --out "$OUT/search_world.md"

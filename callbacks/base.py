@@ -13,7 +13,11 @@ what per-sample methods need, so that a method only writes :meth:`EpisodicTTA.ad
   sample to the next) and the user's model is never an optimizer's parameter;
 - per-sample seeds: sample ``i`` of run seed ``s`` draws its views from its own generator,
   seeded from ``(s, i)``, so its prediction does not depend on batch size, composition or order;
-- views on the device, encoded once per chunk of ``images_per_step`` images;
+- views on the device, cropped from the batch's ``original`` images (the images as loaded, as
+  the reference crops them) with the model's input ``image`` as view 0, encoded once per chunk
+  of ``images_per_step`` images;
+- one loss scaler for the whole ``predict`` under fp16 autocast, as the reference keeps one
+  ``GradScaler(init_scale=1000)`` for its run;
 - outputs: the adapted ``logits``/``probs`` replace the module's in the dict that ``predict``
   returns and writers see; the unadapted ones stay as ``logits_zs``/``probs_zs``;
   ``adapt_ms`` (B) holds each sample's share of the adaptation wall time.
@@ -32,6 +36,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from typing_extensions import override
 
 from tta.augment import VIEW_KINDS, make_views
+from tta.datamodules.preprocess import ORIGINAL
 
 #: trainer.precision -> autocast dtype; "-true" precisions cast the weights instead.
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -127,6 +132,8 @@ class EpisodicTTA(TTACallback):
         self.view_batch_size = view_batch_size
         self._run_seed = 0
         self._autocast_dtype: torch.dtype | None = None
+        #: The run's loss scaler under fp16 autocast (None otherwise), made at ``on_predict_start``.
+        self.grad_scaler: torch.amp.GradScaler | None = None
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -137,6 +144,12 @@ class EpisodicTTA(TTACallback):
             )
         self._autocast_dtype = AUTOCAST_DTYPES.get(str(trainer.precision))
         self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        # one scaler for the run, as the reference: its scale moves with the inf/NaN steps it sees
+        self.grad_scaler = (
+            torch.amp.GradScaler(pl_module.device.type, init_scale=1000)
+            if self._autocast_dtype is torch.float16
+            else None
+        )
         with torch.inference_mode(False):
             self.setup_method(pl_module)
 
@@ -144,13 +157,25 @@ class EpisodicTTA(TTACallback):
     def process_batch(
         self, pl_module: pl.LightningModule, outputs: dict[str, Any], batch: dict[str, Any]
     ) -> torch.Tensor:
+        if ORIGINAL not in batch:
+            raise KeyError(
+                f"{type(self).__name__} crops its views from the images as loaded: the batch needs "
+                "'original' (a list of the B images as decoded, uint8 3 x H x W) beside 'image', as every "
+                "classification datamodule of tta.datamodules yields"
+            )
         seeds = [sample_seed(self._run_seed, i) for i in batch["index"].tolist()]
         step = self.images_per_step
+        originals = batch[ORIGINAL]
         with torch.inference_mode(False), torch.enable_grad():
             images = batch["image"].clone()
             return torch.cat(
                 [
-                    self.adapt(pl_module, self.encode_views(pl_module, images[i : i + step], seeds[i : i + step]))
+                    self.adapt(
+                        pl_module,
+                        self.encode_views(
+                            pl_module, originals[i : i + step], images[i : i + step], seeds[i : i + step]
+                        ),
+                    )
                     for i in range(0, len(seeds), step)
                 ]
             )
@@ -162,12 +187,6 @@ class EpisodicTTA(TTACallback):
         """Adapted logits (``B x C``) from ``B x V x D`` normalised view features (view 0 the original)."""
         raise NotImplementedError
 
-    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
-        """A loss scaler for gradient steps under fp16 autocast (TPT's reference setting), else None."""
-        if self._autocast_dtype is torch.float16:
-            return torch.amp.GradScaler(device.type, init_scale=1000)
-        return None
-
     def autocast(self, device: torch.device) -> AbstractContextManager:
         """Autocast matching the trainer's precision, for use inside :meth:`adapt`."""
         if self._autocast_dtype is None:
@@ -175,13 +194,17 @@ class EpisodicTTA(TTACallback):
         return torch.autocast(device.type, dtype=self._autocast_dtype)
 
     @torch.no_grad()
-    def encode_views(self, pl_module: pl.LightningModule, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """``B x V x D`` normalised image features of the views (one image-tower pass)."""
+    def encode_views(
+        self, pl_module: pl.LightningModule, originals: list[torch.Tensor], images: torch.Tensor, seeds: list[int]
+    ) -> torch.Tensor:
+        """``B x V x D`` normalised image features of the views (one image-tower pass): view 0 the
+        model's input ``images``, the others cropped from ``originals``."""
         vlm = pl_module.vlm
-        views = make_views(images, self.n_views, seeds, self.views)
+        views = make_views(originals, images, self.n_views, seeds, self.views)
         with self.autocast(images.device):
             features = vlm.encode_image(views.flatten(0, 1), batch_size=self.view_batch_size)
-        return features.float().view(len(seeds), self.n_views, -1)
+        # kept in the autocast dtype, which the logits' matmuls cast them to anyway (fp32 without autocast)
+        return features.to(self._autocast_dtype or torch.float32).view(len(seeds), self.n_views, -1)
 
 
 class SetTTA(pl.Callback):

@@ -18,14 +18,17 @@ from tta.models.prompt import PromptLearner
 class DiffTPT(EpisodicTTA):
     """Test-time prompt tuning over conventional and diffusion views. See :mod:`tta.methods.difftpt`.
 
-    Defaults as in the reference: the original + 63 conventional views (``n_views=64``) + the
-    generator's 63 diffusion views; the cosine filter keeps 80% of the candidates (``reading``
+    Defaults as in the reference: the original + 64 conventional views (``n_views=65``) + the
+    generator's 63 diffusion views = 128 candidates; the cosine filter keeps 80% of the 127 others
+    (101) plus the original (``reading``
     "logits", the reference code, or "features", the paper's text), the entropy filter 30% of
     those; 4 AdamW steps at lr 5e-3; prediction on the original.
 
     Diffusion views come from ``generator`` (:class:`tta.augment.diffusion.DiffusionViewGenerator`),
-    loaded on the module's device when prediction starts, seeded per sample like the
-    conventional views, resized (bilinear, antialiased) to the model's input size. With
+    loaded on the module's device when prediction starts, conditioned on the whole image as loaded
+    squashed to the pipeline's CLIP input size (bicubic, no crop: the reference's conditioning
+    image), seeded per sample like the conventional views, resized (bilinear, antialiased) to the
+    model's input size. With
     ``pregenerate`` the generator first walks the datamodule's predict dataloader and fills its cache, as the
     reference generates all views ahead of adaptation: the ``adapt_ms`` of the samples then
     excludes generation (its time is in ``generation_s``); otherwise views are generated (or read
@@ -43,7 +46,7 @@ class DiffTPT(EpisodicTTA):
         selection: float = 0.3,
         reading: str = "logits",
         ctx_init: str = "a photo of a",
-        n_views: int = 64,
+        n_views: int = 65,
         views: str = "crop_flip",
         pregenerate: bool = False,
         images_per_step: int = 16,
@@ -99,17 +102,21 @@ class DiffTPT(EpisodicTTA):
 
     @override
     @torch.no_grad()
-    def encode_views(self, pl_module: pl.LightningModule, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """``B x (n_views + generator.n_views) x D``: the conventional views, then the diffusion views."""
-        conventional = super().encode_views(pl_module, images, seeds)
+    def encode_views(
+        self, pl_module: pl.LightningModule, originals: list[torch.Tensor], images: torch.Tensor, seeds: list[int]
+    ) -> torch.Tensor:
+        """``B x (n_views + generator.n_views) x D``: the conventional views, then the diffusion views
+        (conditioned on each whole image as loaded, squashed to the pipeline's CLIP input size)."""
+        conventional = super().encode_views(pl_module, originals, images, seeds)
         vlm = pl_module.vlm
-        generated = self.generator.views(images, seeds)  # B x G x 3 x S x S uint8
+        generated = self.generator.views(self.generator.squash(originals, images.device), seeds)  # B x G x 3 x S x S
         pixels = generated.flatten(0, 1).to(images.dtype) / 255
         if tuple(pixels.shape[-2:]) != tuple(vlm.image_size):
             pixels = F.interpolate(pixels, size=vlm.image_size, mode="bilinear", antialias=True, align_corners=False)
         with self.autocast(images.device):
             diffusion = vlm.encode_image(pixels, batch_size=self.view_batch_size)
-        return torch.cat([conventional, diffusion.float().view(len(seeds), self.generator.n_views, -1)], dim=1)
+        diffusion = diffusion.to(conventional.dtype).view(len(seeds), self.generator.n_views, -1)
+        return torch.cat([conventional, diffusion], dim=1)
 
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
@@ -125,6 +132,6 @@ class DiffTPT(EpisodicTTA):
             selection=self.selection,
             reading=self.reading,
             autocast=self.autocast(device),
-            scaler=self.grad_scaler(device),
+            scaler=self.grad_scaler,
             checkpoint=self.checkpoint_text,
         ).logits

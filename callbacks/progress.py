@@ -30,6 +30,16 @@ class TTAProgressBar(RichProgressBar):
         dataloader_idx: int = 0,
     ) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._show_running_values(trainer)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the writer writes a batch's rows when the next one starts, the last batch's at the
+        # epoch's end: show the final values, equal to metrics.json's
+        self._show_running_values(trainer)
+        super().on_predict_end(trainer, pl_module)
+
+    def _show_running_values(self, trainer: pl.Trainer) -> None:
         if self.is_disabled or self.predict_progress_bar_id is None:
             return
         writers = [c for c in trainer.callbacks if isinstance(c, PredictionWriter)]

@@ -21,8 +21,11 @@ class SearchTTA(pl.Callback):
     For every episode of the batch, the runner's planner walks the grid while a
     :class:`~tta.methods.search.SearchTTASession` adapts a copy of the image tower: on each new
     find or every ``update_every`` steps it resets the tower to its original weights, takes one
-    Adam step on the observation history (learning rate ramping from ``lr_start`` to ``lr_end``
-    over the budget), and recomputes the map. The episode results replace the runner's
+    Adam step on the observation history (one term per step; learning rate ramping from
+    ``lr_start`` by ``(lr_end - lr_start) * step / lr_ramp_steps``, None: the number of grid
+    cells, as the reference), and recomputes the map. ``n_regions``: None chooses k of the
+    region k-means in 1-4 per episode (the reference), a number fixes it. The map's scale, bias,
+    blur and cell mode are the runner's. The episode results replace the runner's
     (``found``, ``steps_*``), which stay as ``found_zs``, ``steps_*_zs``; ``adapt_ms`` (B) holds
     each episode's adaptation wall time, ``n_updates`` (B) and ``ms_per_update`` (B) the updates.
 
@@ -38,7 +41,8 @@ class SearchTTA(pl.Callback):
         lr_end: float = 1e-5,
         update_every: int = 20,
         positive_weight: float = 4.0,
-        n_regions: int = 4,
+        n_regions: int | None = None,
+        lr_ramp_steps: int | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -46,12 +50,17 @@ class SearchTTA(pl.Callback):
             raise ValueError(f"lr_start and lr_end must be > 0, got {lr_start}, {lr_end}")
         if update_every < 1:
             raise ValueError(f"update_every is a number of steps, >= 1; got {update_every}")
-        if n_regions < 1:
-            raise ValueError(f"n_regions (k of the k-means regions) must be >= 1, got {n_regions}")
+        if n_regions is not None and n_regions < 1:
+            raise ValueError(
+                f"n_regions (k of the k-means regions) must be >= 1, or None to choose it, got {n_regions}"
+            )
+        if lr_ramp_steps is not None and lr_ramp_steps < 1:
+            raise ValueError(f"lr_ramp_steps must be >= 1, or None for the number of grid cells, got {lr_ramp_steps}")
         if positive_weight <= 0:
             raise ValueError(f"positive_weight (w+) must be > 0, got {positive_weight}")
         self.lr_start, self.lr_end, self.update_every = lr_start, lr_end, update_every
         self.positive_weight, self.n_regions, self.seed = positive_weight, n_regions, seed
+        self.lr_ramp_steps = lr_ramp_steps
         self._run_seed = 0
 
     @override
@@ -69,9 +78,9 @@ class SearchTTA(pl.Callback):
             batch["image"][k].clone(),
             tuple(int(g) for g in batch["grid"][k]),
             episode_query(batch, k),
-            total_steps=runner.budget,
             lr_start=self.lr_start,
             lr_end=self.lr_end,
+            lr_ramp_steps=self.lr_ramp_steps,
             update_every=self.update_every,
             positive_weight=self.positive_weight,
             n_regions=self.n_regions,
@@ -80,6 +89,7 @@ class SearchTTA(pl.Callback):
             blur=runner.blur,
             seed=sample_seed(self._run_seed, int(batch["index"][k])),
             cell_batch_size=runner.cell_batch_size,
+            cells=runner.cells,
         )
 
     @override

@@ -13,10 +13,12 @@ from tta.methods.sts import FINAL_RULES, spectral_basis, sts_adapt
 class STS(EpisodicTTA):
     """Spectrum-aware test-time steering. See :mod:`tta.methods.sts`.
 
-    Options where the sources disagree: ``center`` (mean-centre the class embeddings before
-    the SVD; default False), ``squared_norm`` (penalty ``||B^T gamma||^2`` instead of the norm;
-    default False), ``final`` ("original": predict on the original view, default;
-    "kept_average": average the kept views).
+    Defaults as the paper states them (docs/methods.md, "STS: what the paper states"): one AdamW
+    step at lr 5e-3 on coefficients of the orthonormal basis (no scaling by the singular values),
+    the prediction averaged over the kept views (``final="kept_average"``). Options where the
+    sources disagree: ``center`` (mean-centre the class embeddings before the SVD; default False),
+    ``squared_norm`` (penalty ``||B^T gamma||^2`` instead of the norm; default False), ``final``
+    ("original": predict on the original view, the TPT/TPS rule).
     """
 
     method_name = "sts"
@@ -28,7 +30,7 @@ class STS(EpisodicTTA):
         selection: float = 0.1,
         lam: float = 1.0,
         squared_norm: bool = False,
-        final: str = "original",
+        final: str = "kept_average",
         center: bool = False,
         n_views: int = 64,
         views: str = "crop_flip",

@@ -61,6 +61,6 @@ class TPT(EpisodicTTA):
             steps=self.steps,
             selection=self.selection,
             autocast=self.autocast(device),
-            scaler=self.grad_scaler(device),
+            scaler=self.grad_scaler,
             checkpoint=self.checkpoint_text,
         ).logits

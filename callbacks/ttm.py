@@ -21,15 +21,16 @@ class TTM(SetTTA):
     read once and TTM's rounds run on a deep copy of the module's ``vlm``; the copy is swapped in
     for the prediction and the user's model is swapped back at ``on_predict_end`` (unchanged).
     The output dict of every batch gains ``scores_zs`` (the unadapted scores, from the first
-    round's scoring) and ``adapt_ms`` (each group's share of the whole fit's wall time: the fit
-    runs before the first batch, so the writer's per-batch ``ms`` does not include it); the
+    round's scoring), ``adapt_ms`` and ``fit_ms`` (each group's share of the whole fit's wall
+    time: the fit runs before the first batch, so the writer adds ``fit_ms`` to the batch's ``ms``); the
     rounds' logs (threshold, pseudo-labels, their precision, steps, loss, seconds) are kept in
     ``ttm_rounds``.
 
     Args: the round schedule (:class:`~tta.methods.ttm.TTMSchedule`; defaults are the reference
     Winoground schedule for SigLIP-B16), ``loss`` ("auto": sigmoid for models with a logit bias,
     else InfoNCE), ``seed`` (batch order), ``encode_batch_size`` (images per tower call when
-    scoring the set).
+    scoring the set), ``unchosen_negatives`` (1 x k items: the options the pseudo-label did not
+    choose as extra negatives; off, as the reference).
     """
 
     method_name = "ttm"
@@ -47,6 +48,7 @@ class TTM(SetTTA):
         loss: str = "auto",
         seed: int = 0,
         encode_batch_size: int = 256,
+        unchosen_negatives: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = TTMSchedule(
@@ -64,6 +66,7 @@ class TTM(SetTTA):
         if encode_batch_size < 1:
             raise ValueError(f"encode_batch_size must be >= 1, got {encode_batch_size}")
         self.loss, self.seed, self.encode_batch_size = loss, int(seed), int(encode_batch_size)
+        self.unchosen_negatives = bool(unchosen_negatives)
         self.ttm_rounds: list[dict[str, Any]] = []
         self.fit_seconds = 0.0
         self._original: torch.nn.Module | None = None
@@ -84,7 +87,9 @@ class TTM(SetTTA):
         images = torch.cat([b["images"] for b in batches])
         captions = [list(c) for b in batches for c in b["captions"]]
         index = torch.cat([b["index"] for b in batches]).tolist()
-        matching = TestTimeMatching(pl_module.vlm, self.schedule, self.loss, self.seed, self.encode_batch_size)
+        matching = TestTimeMatching(
+            pl_module.vlm, self.schedule, self.loss, self.seed, self.encode_batch_size, self.unchosen_negatives
+        )
         self._scores_zs = dict(zip(index, matching.score_groups(images, captions)))
         rounds = matching.fit_groups(images, captions)
         self.ttm_rounds = [dataclasses.asdict(r) for r in rounds]
@@ -109,7 +114,9 @@ class TTM(SetTTA):
         outputs["scores_zs"] = torch.stack([self._scores_zs[i] for i in batch["index"].tolist()]).to(
             outputs["scores"].device
         )
-        outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + 1000 * self.fit_seconds / self._n_groups
+        share = torch.full((n,), 1000 * self.fit_seconds / self._n_groups)
+        outputs["adapt_ms"] = outputs.get("adapt_ms", torch.zeros(n)) + share
+        outputs["fit_ms"] = outputs.get("fit_ms", torch.zeros(n)) + share
 
     @override
     def restore(self, pl_module: pl.LightningModule) -> None:

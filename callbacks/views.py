@@ -33,5 +33,5 @@ class ViewAverage(EpisodicTTA):
 
     @override
     def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
-        logits = pl_module.vlm.logits(view_features, pl_module.text_features().float())
+        logits = pl_module.vlm.logits(view_features.float(), pl_module.text_features().float())
         return confident_view_average(logits, self.selection)[0]

@@ -1,13 +1,16 @@
 """Write prediction rows as batches finish, resume a stopped run, gather DDP ranks, write metrics.
 
-Files in ``output_dir``:
+A Lightning adapter over :mod:`tta.run_folder`, which owns the files (lock, verification,
+appending, resume point, merging the ranks). Files in ``output_dir``:
 
 - ``predictions.csv``: one row per sample (per group, per episode: whatever the task's unit
   is), the columns the LightningModule declares (``prediction_columns``); no timing, so the
   same command with the same seed writes the same bytes;
 - ``timing.csv``: ``index, ms, adapt_ms`` in the same row order;
-- ``progress.json``: the batches written so far (rows per batch, file sizes), rewritten
-  atomically after every batch: what a rerun resumes from;
+- ``progress.json``: the run's settings and the batches written so far (rows, and the size and
+  hash of their bytes), rewritten atomically after every batch: what a rerun verifies and
+  resumes from;
+- ``run.lock``: held by the writing process for the whole run;
 - ``metrics.json``: at the end, from the rows.
 
 Under DDP each process writes its own part in ``parts/rank<r>of<W>/``; at the end rank 0
@@ -17,14 +20,16 @@ merges the parts into ``predictions.csv``/``timing.csv`` in stream order, so the
 
 from __future__ import annotations
 
-import csv
 import ctypes
+import enum
 import gc
-import io
+import hashlib
+import inspect
 import json
-import os
+import logging
 import re
 import resource
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -33,9 +38,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
+from pytorch_lightning.loggers import Logger
 from typing_extensions import override
 
-TIMING_COLUMNS = ("index", "ms", "adapt_ms")
+from tta.run_folder import (
+    DirectoryLock,
+    RunFolderError,
+    RunPart,
+    RunStopped,
+    StopSignals,
+    merge_parts,
+    read_rows,
+    write_atomic,
+)
+
+log = logging.getLogger(__name__)
 #: metrics.json keys that depend on the machine and the moment, not on the predictions.
 TIMING_KEYS = ("ms_per_sample", "adapt_ms_per_sample", "peak_mem_mb")
 
@@ -96,93 +114,83 @@ def peak_memory_mb(device: torch.device) -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a ``predictions.csv`` or ``timing.csv``, values as written (``str``)."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _plain(value: Any, depth: int) -> Any:
+    """``value`` as plain data (JSON types) for a run's settings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, depth)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth) for k, v in value.items()}
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu").contiguous()
+        return {"shape": list(data.shape), "sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]}
+    kind = type(value)
+    if kind.__module__.startswith("tta.") and depth < 2:
+        return object_settings(value, depth=depth + 1)  # our own building blocks, e.g. the VLM wrapper
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+#: Classes whose constructor arguments are not a run's settings (Lightning's and PyTorch's bases).
+_FRAMEWORK_MODULES = ("pytorch_lightning", "lightning_fabric", "torch", "builtins", "typing")
 
 
-def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return buffer.getvalue()
+def object_settings(obj: Any, fallback: Any = None, depth: int = 0) -> dict[str, Any]:
+    """The class of ``obj`` and the values of its constructor's arguments that it keeps under the
+    same names (the convention of the datamodules, tasks and callbacks here), as plain data.
+
+    ``fallback``: where a value is ``None``, the attribute of the same name there, as the tasks
+    take ``class_names=None`` from the datamodule in ``setup``: the settings are then the same
+    before and after ``setup``.
+    """
+    names: list[str] = []
+    for cls in type(obj).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None or cls.__module__.split(".")[0] in _FRAMEWORK_MODULES:
+            continue
+        names += [
+            p.name
+            for p in list(inspect.signature(init).parameters.values())[1:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+    settings: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    for name in dict.fromkeys(names):
+        try:
+            value = getattr(obj, name)
+        except (AttributeError, RuntimeError):  # not kept, or a property that needs a trainer
+            continue
+        if value is None and fallback is not None:
+            value = getattr(fallback, name, None)
+        settings[name] = _plain(value, depth)
+    return settings
 
 
-class _Part:
-    """One process's ``predictions.csv`` + ``timing.csv`` + ``progress.json``, appended batch by batch."""
+#: Callbacks that show or save things but never change the rows.
+_BOOKKEEPING_CALLBACKS = (ProgressBar, ModelSummary, Checkpoint)
 
-    def __init__(self, directory: Path, columns: Sequence[str], run_key: str) -> None:
-        self.directory, self.columns, self.run_key = directory, tuple(columns), run_key
-        self.predictions = directory / "predictions.csv"
-        self.timing = directory / "timing.csv"
-        self.progress = directory / "progress.json"
-        self.batches: list[int] = []
-        self.skipped_images = 0  # images left out of the batches written (undecodable), all sessions
-        self.peak_mem_mb: float | None = None  # this session's, once closed
 
-    def open(self) -> int:
-        """Open for appending after the last complete batch; returns the number of batches done."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self.progress.is_file():
-            state = json.loads(self.progress.read_text())
-            if state["run_key"] != self.run_key or tuple(state["columns"]) != self.columns:
-                raise ValueError(
-                    f"{self.directory} holds the results of a different run ({state['run_key']}): "
-                    "rerun the same command to resume it, or write to an empty directory "
-                    "(e.g. hydra.run.dir=<new dir>)"
-                )
-            self.batches = list(state["batches"])
-            self.skipped_images = int(state["skipped_images"])
-            # rows written after the last recorded batch belong to a batch that did not finish
-            for path, size in ((self.predictions, state["predictions_bytes"]), (self.timing, state["timing_bytes"])):
-                with open(path, "r+b") as f:
-                    f.truncate(size)
-        else:
-            self.batches, self.skipped_images = [], 0
-            self.predictions.write_text(",".join(self.columns) + "\n")
-            self.timing.write_text(",".join(TIMING_COLUMNS) + "\n")
-            self._save()
-        # kept open for the whole run (appended batch by batch), closed in close()
-        self._predictions = open(self.predictions, "a", newline="")  # noqa: SIM115
-        self._timing = open(self.timing, "a", newline="")  # noqa: SIM115
-        return len(self.batches)
-
-    def append(self, rows: list[dict[str, Any]], timing: list[dict[str, Any]], skipped_images: int) -> None:
-        self._predictions.write(_csv_text(rows, self.columns))
-        self._timing.write(_csv_text(timing, TIMING_COLUMNS))
-        self._predictions.flush()
-        self._timing.flush()
-        self.batches.append(len(rows))
-        self.skipped_images += skipped_images
-        self._save()
-
-    def close(self, peak_mem_mb: float) -> None:
-        self._predictions.close()
-        self._timing.close()
-        self.peak_mem_mb = peak_mem_mb
-        self._save()
-
-    def _save(self) -> None:
-        _write_json_atomic(
-            self.progress,
-            {
-                "run_key": self.run_key,
-                "columns": list(self.columns),
-                "batches": self.batches,
-                "skipped_images": self.skipped_images,
-                "peak_mem_mb": self.peak_mem_mb,
-                "predictions_bytes": self.predictions.stat().st_size,
-                "timing_bytes": self.timing.stat().st_size,
-            },
-        )
+def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int | None) -> dict[str, Any]:
+    """Everything that determines a run's rows, as plain data: the seed, the trainer's precision,
+    and the settings (:func:`object_settings`) of the LightningModule, the datamodule and every
+    callback but the bookkeeping ones (progress bars, summaries, checkpoints, writers)."""
+    datamodule = trainer.datamodule
+    return {
+        "seed": seed,
+        "precision": str(trainer.precision),
+        "model": object_settings(pl_module, fallback=datamodule),
+        "data": None if datamodule is None else object_settings(datamodule),
+        "callbacks": [
+            object_settings(c)
+            for c in trainer.callbacks
+            if not isinstance(c, (*_BOOKKEEPING_CALLBACKS, PredictionWriter))
+        ],
+    }
 
 
 class PredictionWriter(pl.Callback):
@@ -191,28 +199,46 @@ class PredictionWriter(pl.Callback):
     Rows are written when the *next* batch starts (or ``predict`` ends), so every callback's
     changes to the batch's outputs are in, whatever the order of the callback list. ``ms`` is
     the batch's wall time per sample, from its start to the next batch's start (data loading,
-    adaptation and prediction included, this writer's own I/O excluded); ``adapt_ms`` the
-    part of it spent in TTA callbacks (0 without one).
+    adaptation and prediction included, this writer's own I/O excluded, a set-level method's
+    ``fit_ms`` share added); ``adapt_ms`` the part of it spent in TTA callbacks (0 without one).
 
-    Resume: if ``output_dir`` holds an unfinished run with the same ``run_key``, the finished
-    batches are kept and the datamodule is asked to start after them
-    (``resume_from_batch``, see ``tta.datamodules.streams.StreamDataModule``); a finished run
-    is not predicted again. The final ``metrics.json`` equals an uninterrupted run's, timing
-    and memory (:data:`TIMING_KEYS`) aside.
+    The run folder (:mod:`tta.run_folder`) is locked for the whole run: a second writer into it
+    stops at once with a :class:`~tta.run_folder.RunFolderError` naming the holder's PID.
+
+    Resume: if ``output_dir`` holds an unfinished run with the same settings (``run_key``), its
+    files are verified against ``progress.json``, the finished batches are kept and the
+    datamodule is asked to start after them (``resume_from_batch``, see
+    ``tta.datamodules.streams.StreamDataModule``); a finished run is not predicted again. The
+    final ``metrics.json`` equals an uninterrupted run's, timing and memory
+    (:data:`TIMING_KEYS`) aside. A folder holding another run's rows, or rows that do not verify,
+    is refused with a :class:`~tta.run_folder.RunFolderError` before anything is written.
+
+    Stop signals: during ``predict``, SIGTERM or SIGINT lets the current batch finish, writes
+    its rows, and raises :class:`~tta.run_folder.RunStopped` ("stopped by SIGTERM after batch k
+    of n; rerun the same command to resume") out of ``Trainer.predict``; a second SIGINT raises
+    it at once, mid-batch (that batch is redone on resume). Under DDP, rank 0 passes the stop on
+    (as SIGTERM) to the processes it started.
 
     ``metrics.json`` holds ``method`` (the TTA callbacks' ``method_name`` joined by "+", or
     "none"), ``model``, ``data``, ``seed``, the task's metrics (``summarize_predictions``:
     for classifiers ``n``, ``accuracy``, ``ece``), ``ms_per_sample``, ``adapt_ms_per_sample``,
     ``peak_mem_mb`` (the maximum over processes), ``skipped_images`` (images the datamodule
-    could not decode: the batches' ``skipped_images``, summed), ``run`` (``run_info``, e.g. the CLI's config)
-    and ``domains`` (per domain the task's metrics and ``ms_per_sample``).
+    could not decode: the batches' ``skipped_images``, summed) and ``skipped_image_paths`` (the
+    first of them, from the batches' ``skipped_paths``), ``run`` (``run_info``, e.g. the CLI's
+    config) and ``domains`` (per domain the task's metrics, ``ms_per_sample`` and
+    ``adapt_ms_per_sample``). Skipped images are also reported in a warning at the end.
+
+    Lightning loggers of the trainer (``Trainer(logger=...)``) get the run's settings as
+    hyperparameters, the running values of the progress bar after every batch
+    (``running/<name>``), and at the end the metrics overall (``all/<name>``) and per domain
+    (``<domain>/<name>``).
 
     Args:
         output_dir: where the files go.
         seed: the run seed, recorded in ``metrics.json``.
-        run_key: identifies the run for resuming (the CLI passes its resolved config); a
-            directory holding another run's rows is refused. ``None``: method, model, data
-            and seed.
+        run_key: the run's settings, plain data (the CLI passes its resolved config); a directory
+            holding another run's rows is refused. ``None``: :func:`run_settings` (seed,
+            precision, and the module's, datamodule's and callbacks' settings).
         run_info: plain data recorded as ``run`` in ``metrics.json``.
     """
 
@@ -220,17 +246,26 @@ class PredictionWriter(pl.Callback):
         self,
         output_dir: str | Path = ".",
         seed: int | None = None,
-        run_key: str | None = None,
+        run_key: dict[str, Any] | None = None,
         run_info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if run_key is not None and not isinstance(run_key, dict):
+            raise TypeError(f"run_key must be a dict of the run's settings (plain data) or None, got {run_key!r}")
         self.output_dir = Path(output_dir)
         self.seed, self.run_key, self.run_info = seed, run_key, run_info
         self.metrics: dict[str, Any] | None = None
         self.progress: dict[str, float] = {}
         self._progress_sums: dict[str, list[float]] = {}
-        self._pending: tuple[dict[str, Any] | None, float, int] | None = None
-        self._part: _Part | None = None
+        self._pending: tuple[dict[str, Any] | None, float, dict[str, Any]] | None = None
+        self._run: dict[str, Any] = {}  # the run's settings, from setup on
+        self._part: RunPart | None = None
+        self._run_lock: DirectoryLock | None = None  # rank 0 of several: the whole directory
+        # a second Ctrl-C stops at once, as a stop after the batches written so far
+        self._stop = StopSignals(
+            stop_now=lambda: RunStopped(signal.SIGINT, len(self._part.batches), self._total_batches)
+        )
+        self._total_batches = 0
         self._rank, self._world_size = 0, 1
 
     @property
@@ -262,11 +297,15 @@ class PredictionWriter(pl.Callback):
                 f"{self._world_size} processes, so their rows cannot be merged in stream order: "
                 "subclass tta.datamodules.streams.StreamDataModule, or predict on one device"
             )
-        self._check_world_size()
         directory = self.output_dir
         if self._world_size > 1:
             directory = self.output_dir / "parts" / f"rank{self._rank}of{self._world_size}"
-        self._part = _Part(directory, pl_module.prediction_columns, self._key(trainer, pl_module))
+            if self._rank == 0:
+                self._run_lock = DirectoryLock(self.output_dir).acquire()
+        # on an error from here on, Lightning calls on_exception, which lets the folder go
+        self._check_world_size()
+        self._run = self.run_key if self.run_key is not None else run_settings(trainer, pl_module, self.seed)
+        self._part = RunPart(directory, self._run, pl_module.prediction_columns)
         done = self._part.open()
         self._progress_sums = {}
         self._count_progress(pl_module, read_rows(self._part.predictions))
@@ -279,18 +318,36 @@ class PredictionWriter(pl.Callback):
                 "cannot start after them: subclass tta.datamodules.streams.StreamDataModule, "
                 "or write to an empty directory"
             )
+        if done:
+            total = datamodule.stream_sampler().n_batches if hasattr(datamodule, "stream_sampler") else None
+            if total is not None and done >= total:
+                log.info("%s: already finished (%d batches); metrics recomputed from its rows", directory, done)
+            else:
+                log.info(
+                    "%s: resuming after batch %d of %s; the finished batches' rows are kept", directory, done, total
+                )
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reset_peak_memory(pl_module.device)
         self._pending = None
+        self._total_batches = len(self._part.batches) + int(sum(trainer.num_predict_batches))
+        # installed after Lightning's own SIGTERM handler, which Lightning puts back (with the
+        # handlers from before predict) when predict ends, however it ends
+        launcher = trainer.strategy.launcher
+        self._stop.forward = (lambda _: launcher.kill(signal.SIGTERM)) if launcher is not None else None
+        self._stop.install()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.run_info or self._run)
 
     @override
     def on_predict_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._flush(pl_module, time.perf_counter())
-        self._pending = (None, time.perf_counter(), 0)  # after the flush: this writer's I/O is in no batch's ms
+        self._flush(trainer, pl_module, time.perf_counter())
+        if self._stop.received is not None:
+            raise RunStopped(self._stop.received, len(self._part.batches), self._total_batches)
+        self._pending = (None, time.perf_counter(), {})  # after the flush: this writer's I/O is in no batch's ms
 
     @override
     def on_predict_batch_end(
@@ -302,12 +359,31 @@ class PredictionWriter(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        skipped = int(batch.get("skipped_images", 0)) if isinstance(batch, dict) else 0
+        skipped = {"skipped_images": 0, "skipped_paths": []}
+        if isinstance(batch, dict):
+            skipped = {
+                "skipped_images": int(batch.get("skipped_images", 0)),
+                "skipped_paths": [str(p) for p in batch.get("skipped_paths", [])],
+            }
         self._pending = (outputs, self._pending[1], skipped)
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(pl_module, time.perf_counter())
+        self._flush(trainer, pl_module, time.perf_counter())
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a batch that had not reached the next batch's start is not written: it is redone on resume
+        self._stop.restore()
+        if self._part is not None:
+            self._part.abort()
+            self._part = None
+        self._release()
+        if isinstance(exception, RunStopped):
+            # the DDP processes this one started stop after their own batch: wait for them, so that
+            # a rerun finds their part directories free
+            for process in getattr(trainer.strategy.launcher, "procs", []):
+                process.wait()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -315,39 +391,34 @@ class PredictionWriter(pl.Callback):
         # (a finished run, a resumed rank that was done), but every process reaches teardown
         if stage != "predict" or self._part is None:
             return
+        self._stop.restore()
         self._part.close(peak_memory_mb(trainer.strategy.root_device))
         self._part = None
         trainer.strategy.barrier("tta-prediction-writer")
-        if trainer.is_global_zero:
-            if self._world_size > 1:
-                self._merge_parts(pl_module.prediction_columns)
-            parts = (
-                [
-                    self.output_dir / "parts" / f"rank{r}of{self._world_size}" / "progress.json"
-                    for r in range(self._world_size)
-                ]
-                if self._world_size > 1
-                else [self.output_dir / "progress.json"]
-            )
-            states = [json.loads(p.read_text()) for p in parts]
-            peak = max(state["peak_mem_mb"] for state in states)
-            skipped = sum(state["skipped_images"] for state in states)
-            self.metrics = self._compute_metrics(trainer, pl_module, peak, skipped)
-            _write_json_atomic(self.metrics_path, self.metrics)
+        try:
+            if trainer.is_global_zero:
+                if self._world_size > 1:
+                    states = merge_parts(self.output_dir, self._run, pl_module.prediction_columns, self._world_size)
+                else:
+                    states = [json.loads((self.output_dir / "progress.json").read_text())]
+                self.metrics = self._compute_metrics(trainer, pl_module, states)
+                write_atomic(self.metrics_path, json.dumps(self.metrics, indent=2) + "\n")
+                log_final_metrics(trainer.loggers, self.metrics)
+                if self.metrics["skipped_images"]:
+                    log.warning(
+                        "%d images could not be decoded and were left out, e.g. %s (data.on_bad_image=error "
+                        "stops at the first one instead)",
+                        self.metrics["skipped_images"],
+                        ", ".join(self.metrics["skipped_image_paths"]),
+                    )
+        finally:
+            self._release()
         trainer.strategy.barrier("tta-prediction-writer-done")
 
-    def _key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        if self.run_key is not None:
-            return self.run_key
-        return json.dumps(
-            {
-                "method": _method_name(trainer),
-                "model": _model_name(pl_module),
-                "data": _data_name(trainer),
-                "seed": self.seed,
-            },
-            sort_keys=True,
-        )
+    def _release(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     def _check_world_size(self) -> None:
         parts = self.output_dir / "parts"
@@ -359,13 +430,13 @@ class PredictionWriter(pl.Callback):
         single = (self.output_dir / "progress.json").is_file() and not parts.is_dir()
         if other or (single and self._world_size > 1):
             found = other[0].split("of")[-1] if other else "1"
-            raise ValueError(
+            raise RunFolderError(
                 f"{self.output_dir} holds a run on {found} process(es) but this one has "
                 f"{self._world_size}: resume it with the same number of devices, or write to an "
                 "empty directory"
             )
 
-    def _flush(self, pl_module: pl.LightningModule, now: float) -> None:
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float) -> None:
         if self._pending is None or self._pending[0] is None:
             return
         outputs, started, skipped = self._pending
@@ -375,16 +446,22 @@ class PredictionWriter(pl.Callback):
         rows = pl_module.prediction_rows(outputs) if n else []
         ms = (now - started) * 1000 / max(1, n)
         adapt_ms = outputs.get("adapt_ms")
+        # adaptation that ran before the batches (a set-level method's fit) is in no batch's
+        # wall time: each sample's share of it is added, so that ms always includes adapt_ms
+        fit_ms = outputs.get("fit_ms")
         timing = [
             {
                 "index": row["index"],
-                "ms": f"{ms:.4f}",
+                "ms": f"{ms + (float(fit_ms[i]) if fit_ms is not None else 0.0):.4f}",
                 "adapt_ms": f"{float(adapt_ms[i]):.4f}" if adapt_ms is not None else f"{0.0:.4f}",
             }
             for i, row in enumerate(rows)
         ]
-        self._part.append(rows, timing, skipped)
+        self._part.append(rows, timing, **skipped)
         self._count_progress(pl_module, [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows])
+        if self.progress:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"running/{k}": v for k, v in self.progress.items()}, step=len(self._part.batches))
 
     def _count_progress(self, pl_module: pl.LightningModule, rows: list[dict[str, str]]) -> None:
         for row in rows:
@@ -395,31 +472,13 @@ class PredictionWriter(pl.Callback):
                     total[1] += 1
         self.progress = {name: total / count for name, (total, count) in self._progress_sums.items() if count}
 
-    def _merge_parts(self, columns: Sequence[str]) -> None:
-        """Interleave the ranks' batches back into stream order (batch ``g`` came from rank ``g % W``)."""
-        parts = [self.output_dir / "parts" / f"rank{r}of{self._world_size}" for r in range(self._world_size)]
-        progress = [json.loads((p / "progress.json").read_text())["batches"] for p in parts]
-        for name, header in (("predictions.csv", columns), ("timing.csv", TIMING_COLUMNS)):
-            lines = []
-            for part in parts:
-                with open(part / name, newline="") as f:
-                    lines.append(f.read().splitlines(keepends=True)[1:])
-            merged, cursors = [",".join(header) + "\n"], [0] * self._world_size
-            for g in range(sum(len(b) for b in progress)):
-                rank, local = g % self._world_size, g // self._world_size
-                count = progress[rank][local]
-                merged += lines[rank][cursors[rank] : cursors[rank] + count]
-                cursors[rank] += count
-            temporary = self.output_dir / (name + ".tmp")
-            temporary.write_text("".join(merged))
-            os.replace(temporary, self.output_dir / name)
-
     def _compute_metrics(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, peak_mem_mb: float, skipped_images: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, states: list[dict[str, Any]]
     ) -> dict[str, Any]:
         rows = read_rows(self.predictions_path)
-        ms = [float(r["ms"]) for r in read_rows(self.timing_path)]
-        adapt_ms = [float(r["adapt_ms"]) for r in read_rows(self.timing_path)]
+        timing = read_rows(self.timing_path)
+        ms = [float(r["ms"]) for r in timing]
+        adapt_ms = [float(r["adapt_ms"]) for r in timing]
         metrics: dict[str, Any] = {
             "method": _method_name(trainer),
             "model": _model_name(pl_module),
@@ -431,15 +490,35 @@ class PredictionWriter(pl.Callback):
         metrics.update(summary)
         metrics["ms_per_sample"] = sum(ms) / max(1, len(ms))
         metrics["adapt_ms_per_sample"] = sum(adapt_ms) / max(1, len(adapt_ms))
-        metrics["peak_mem_mb"] = peak_mem_mb
-        metrics["skipped_images"] = skipped_images
+        metrics["peak_mem_mb"] = max(state["peak_mem_mb"] for state in states)
+        metrics["skipped_images"] = sum(state["skipped_images"] for state in states)
+        metrics["skipped_image_paths"] = [path for state in states for path in state["skipped_paths"]][:5]
         if self.run_info is not None:
             metrics["run"] = self.run_info
         for name, values in domains.items():
-            picked = [t for t, r in zip(ms, rows) if r["domain"] == name]
-            values["ms_per_sample"] = sum(picked) / max(1, len(picked))
+            picked = [(t, a) for t, a, r in zip(ms, adapt_ms, rows) if r["domain"] == name]
+            values["ms_per_sample"] = sum(t for t, _ in picked) / max(1, len(picked))
+            values["adapt_ms_per_sample"] = sum(a for _, a in picked) / max(1, len(picked))
         metrics["domains"] = domains
         return metrics
+
+
+def log_final_metrics(loggers: Sequence[Logger], metrics: dict[str, Any]) -> None:
+    """The run's numeric metrics, overall (``all/<name>``) and per domain (``<domain>/<name>``),
+    through Lightning's logger API; then the loggers are saved and finalised."""
+    if not loggers:
+        return
+    flat = {f"all/{k}": float(v) for k, v in metrics.items() if _is_number(v)}
+    for domain, values in metrics["domains"].items():
+        flat |= {f"{domain}/{k}": float(v) for k, v in values.items() if _is_number(v)}
+    for logger in loggers:
+        logger.log_metrics(flat)
+        logger.save()
+        logger.finalize("success")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _method_name(trainer: pl.Trainer) -> str:

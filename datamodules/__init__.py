@@ -3,7 +3,11 @@
 The batch contract: every ``predict_dataloader`` yields dicts
 
 - ``image``: float tensor ``B x 3 x H x W`` in [0, 1], RGB, **not normalised** (the model
-  wrapper applies its own mean/std; augmentations work on raw pixels), at ``image_size``;
+  wrapper applies its own mean/std; augmentations work on raw pixels), at ``image_size``,
+  resized as the model's preprocessing says (``resize_mode``, ``interpolation``: see
+  ``tta.datamodules.preprocess``);
+- ``original``: list of ``B`` uint8 tensors ``3 x H_i x W_i``, the images as decoded (sizes
+  differ), from which view-based methods crop their views (``tta.augment.make_views``);
 - ``label``: long tensor ``B``, the class index into ``class_names`` (``-1`` if unknown);
 - ``index``: long tensor ``B``, the sample's index in the datamodule's prediction set
   (unique across domains, stable across runs with the same settings);
@@ -11,7 +15,9 @@ The batch contract: every ``predict_dataloader`` yields dicts
 
 Each datamodule exposes ``class_names`` (list of str), ``domains`` (list of str) and ``name``.
 The file-based ones (every one but the offline world) leave out images that fail to decode
-and add ``skipped_images`` (int: how many of the batch were left out) to each batch.
+and add ``skipped_images`` (int: how many of the batch were left out) to each batch, the
+image-file ones also ``skipped_paths`` (their files); with ``on_bad_image="error"`` the
+first such image stops the run instead.
 
 Every datamodule here reads its prediction set in a stream order through
 ``streams.StreamDataModule``: under DDP the stream's batches are dealt whole to the ranks

@@ -17,26 +17,30 @@ Every batch of one datamodule has the same ``m`` and ``k``. File readers check t
 that every listed image exists when they are built (so a wrong path fails before a model
 loads).
 Each datamodule exposes ``domains``, ``kinds``, ``name`` and ``image_size``; ``class_names``
-is empty (these are not classification sets).
+is empty (these are not classification sets). Images are resized to ``image_size`` as the
+model's preprocessing says (``resize_mode``, ``interpolation``: SigLIP squashes, CLIP crops the
+centre; see ``tta.datamodules.preprocess``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 from typing_extensions import override
 
-from tta.datamodules.folder import image_transform
+from tta.datamodules.preprocess import Preprocess
 from tta.datamodules.streams import StreamDataModule
 from tta.world import DOMAINS, check_domain
 from tta.world.groups import SWAP_KINDS, check_swap_kind, render_groups
@@ -74,14 +78,17 @@ class GroupDataModule(StreamDataModule):
         image_size: int,
         batch_size: int,
         num_workers: int,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
-        if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
+        if int(batch_size) < 1 or int(num_workers) < 0:
             raise ValueError(
-                f"batch_size and image_size must be positive and num_workers >= 0, got {batch_size}, "
-                f"{image_size}, {num_workers}: fix data.batch_size / image_size / num_workers"
+                f"batch_size must be positive and num_workers >= 0, got {batch_size}, {num_workers}: "
+                "fix data.batch_size / num_workers"
             )
         self.name, self.domains, self.kinds = name, list(domains), list(kinds)
+        self.preprocess = Preprocess(image_size, resize_mode, interpolation)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.dataset: Dataset | None = None
         self.order: torch.Tensor | None = None
@@ -118,15 +125,23 @@ class GroupDataModule(StreamDataModule):
 
 
 class _TensorGroups(Dataset):
-    def __init__(self, images: torch.Tensor, captions: list[list[str]], domains: list[str], kinds: list[str]) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        captions: list[list[str]],
+        domains: list[str],
+        kinds: list[str],
+        preprocess: Preprocess,
+    ) -> None:
         self.images, self.captions, self.domains, self.kinds = images, captions, domains, kinds
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "images": self.images[i].float() / 255,
+            "images": torch.stack([self.preprocess(image) for image in self.images[i]]),
             "captions": self.captions[i],
             "index": i,
             "domain": self.domains[i],
@@ -150,6 +165,8 @@ class WorldGroupsDataModule(GroupDataModule):
         n_per_cell: int = 100,
         seed: int = 10_000,
         image_size: int = 64,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -167,7 +184,9 @@ class WorldGroupsDataModule(GroupDataModule):
             raise ValueError(f"domains {domains} or kinds {kinds} repeat an entry: list each once")
         if n_per_cell < 1:
             raise ValueError(f"n_per_cell must be >= 1, got {n_per_cell}")
-        super().__init__("world_groups", domains, kinds, image_size, batch_size, num_workers)
+        super().__init__(
+            "world_groups", domains, kinds, image_size, batch_size, num_workers, resize_mode, interpolation
+        )
         self.severity, self.n_per_cell, self.seed = int(severity), int(n_per_cell), int(seed)
 
     @staticmethod
@@ -185,39 +204,75 @@ class WorldGroupsDataModule(GroupDataModule):
         for label, (domain, severity) in zip(self.domains, self.cells):
             for kind in self.kinds:
                 groups = render_groups(kind, self.n_per_cell, self.seed, domain, severity)
-                pixels = groups.images
-                if pixels.shape[-1] != self.image_size:
-                    pixels = (
-                        F.interpolate(
-                            pixels.flatten(0, 1),
-                            size=self.image_size,
-                            mode="bilinear",
-                            antialias=True,
-                            align_corners=False,
-                        )
-                        .clamp(0, 1)
-                        .view(*pixels.shape[:3], self.image_size, self.image_size)
-                    )
-                images.append((pixels * 255).round().to(torch.uint8))
+                images.append((groups.images * 255).round().to(torch.uint8))
                 captions += groups.captions
                 domains += [label] * self.n_per_cell
                 kinds += groups.kinds
-        return _TensorGroups(torch.cat(images), captions, domains, kinds)
+        return _TensorGroups(torch.cat(images), captions, domains, kinds, self.preprocess)
+
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image stored inside another file: a cell of a parquet column (a Hugging Face ``Image``
+    feature, a struct of ``bytes`` and ``path``; ``row`` >= 0), or a member of a zip archive
+    (``row`` = -1)."""
+
+    container: Path
+    key: str  # the parquet column, or the zip member
+    row: int = -1
+
+    def read(self) -> bytes:
+        if self.row < 0:
+            with zipfile.ZipFile(self.container) as archive:
+                return archive.read(self.key)
+        cell = _parquet_column(self.container, self.key)[self.row].as_py()
+        if cell.get("bytes") is None:  # the feature may point at a file beside the parquet instead
+            return (self.container.parent / cell["path"]).read_bytes()
+        return cell["bytes"]
+
+    def is_file(self) -> bool:
+        return self.container.is_file()
+
+
+ImageSource = Path | EmbeddedImage
+
+
+@lru_cache(maxsize=4)
+def _parquet_column(path: Path, column: str):
+    """One column of a parquet file, read once per process (Winoground's images: ~370 MB in all)."""
+    return _pyarrow_parquet(path).read_table(path, columns=[column]).column(column)
+
+
+def _pyarrow_parquet(path: Path):
+    try:
+        import pyarrow.parquet
+    except ImportError as error:
+        raise ImportError(
+            f"{path} is a parquet file and reading it needs pyarrow: pip install pyarrow (or tta[parquet])"
+        ) from error
+    return pyarrow.parquet
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """A PIL image from a file, or from the bytes of an :class:`EmbeddedImage`."""
+    if isinstance(source, EmbeddedImage):
+        return Image.open(io.BytesIO(source.read()))
+    return Image.open(source)
 
 
 @dataclass(frozen=True)
 class GroupFiles:
-    """One group on disk: its image files, its captions (contract order), domain and kind."""
+    """One group on disk: its images (files or embedded), its captions (contract order), domain and kind."""
 
-    images: tuple[Path, ...]
+    images: tuple[ImageSource, ...]
     captions: tuple[str, ...]
     domain: str
     kind: str
 
 
 class _FileGroups(Dataset):
-    def __init__(self, groups: Sequence[GroupFiles], image_size: int) -> None:
-        self.groups, self.transform = list(groups), image_transform(image_size)
+    def __init__(self, groups: Sequence[GroupFiles], preprocess: Preprocess) -> None:
+        self.groups, self.preprocess = list(groups), preprocess
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -227,8 +282,8 @@ class _FileGroups(Dataset):
         try:
             pixels = []
             for path in group.images:
-                with Image.open(path) as image:
-                    pixels.append(self.transform(image.convert("RGB")).clamp(0, 1))
+                with open_image(path) as image:
+                    pixels.append(self.preprocess(pil_to_tensor(image.convert("RGB"))))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
         return {
@@ -251,6 +306,8 @@ class GroupFilesDataModule(GroupDataModule):
         batch_size: int,
         num_workers: int,
         setting: str = "data.root",
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
     ) -> None:
         groups = list(groups)
         if not groups:
@@ -269,12 +326,12 @@ class GroupFilesDataModule(GroupDataModule):
             )
         domains = list(dict.fromkeys(g.domain for g in groups))
         kinds = list(dict.fromkeys(g.kind for g in groups))
-        super().__init__(name, domains, kinds, image_size, batch_size, num_workers)
+        super().__init__(name, domains, kinds, image_size, batch_size, num_workers, resize_mode, interpolation)
         self.groups = groups
 
     @override
     def build_dataset(self) -> Dataset:
-        return _FileGroups(self.groups, self.image_size)
+        return _FileGroups(self.groups, self.preprocess)
 
 
 def _root(root: str | Path, name: str) -> Path:
@@ -287,12 +344,15 @@ def _root(root: str | Path, name: str) -> Path:
 
 
 def _index_file(root: Path, names: Sequence[str], what: str) -> Path:
+    """The first of ``root/name`` and ``root/data/name`` that exists, for each name in turn (a
+    data set's repository keeps its files in ``data/``; either folder may be the root)."""
     for name in names:
-        if (root / name).is_file():
-            return root / name
+        for folder in (root, root / "data"):
+            if (folder / name).is_file():
+                return folder / name
     raise FileNotFoundError(
-        f"no {what} in {root}: expected one of {list(names)}; set data.root to the folder "
-        f"that holds it (found {sorted(p.name for p in root.iterdir())[:10]})"
+        f"no {what} in {root} or {root / 'data'}: expected one of {list(names)}; set data.root to the "
+        f"folder that holds it (found {sorted(p.name for p in root.iterdir())[:10]})"
     )
 
 
@@ -307,11 +367,22 @@ def _image_path(folder: Path, stem: str, extensions: Sequence[str] = (".png", ".
     return folder / (stem + extensions[0])  # reported as missing
 
 
+#: The columns of Winoground's examples (the hub card's features; ``tag`` is optional here).
+WINOGROUND_KEYS = ("image_0", "image_1", "caption_0", "caption_1")
+
+
 class WinogroundDataModule(GroupFilesDataModule):
-    """Winoground-style 2 x 2 groups, laid out as the public Hugging Face copy:
-    ``root/examples.jsonl`` (one JSON object per line with ``id, image_0, image_1, caption_0,
-    caption_1`` and optionally ``tag``) and ``root/images/<image name>.png``. ``kind`` is the
-    example's ``tag`` ("Object", "Relation", "Both") where present.
+    """Winoground's 2 x 2 groups, read from either layout of the Hugging Face copy
+    (``facebook/winoground``; ``root`` is the copy's folder or its ``data/`` folder):
+
+    - the parquet layout: ``data/test-00000-of-00001.parquet`` (every ``test-*.parquet`` shard),
+      columns ``id, image_0, image_1, caption_0, caption_1, tag, secondary_tag, num_main_preds,
+      collapsed_tag`` with the images embedded (needs ``pyarrow``);
+    - the older layout: ``data/examples.jsonl`` (one JSON object per line with the same keys,
+      ``image_0``/``image_1`` naming ``ex_<i>_img_<j>``) and ``data/images.zip``, read as it is or
+      unzipped into ``data/images/<name>.png`` (``image_dir``).
+
+    ``kind`` is the example's ``tag`` ("Object", "Relation", "Both") where present.
     """
 
     def __init__(
@@ -320,12 +391,66 @@ class WinogroundDataModule(GroupFilesDataModule):
         image_dir: str = "images",
         domain: str = "winoground",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
         self.root = _root(root, "Winoground")
-        index = _index_file(self.root, ["examples.jsonl", "data/examples.jsonl"], "examples.jsonl")
-        images = index.parent / image_dir
+        shards = sorted(self.root.glob("test-*.parquet")) or sorted(self.root.glob("data/test-*.parquet"))
+        if shards:
+            groups = [g for shard in shards for g in self._parquet_groups(shard, domain)]
+        else:
+            index = _index_file(
+                self.root, ["examples.jsonl"], "examples.jsonl (nor a data/test-*.parquet of the hub copy)"
+            )
+            groups = self._jsonl_groups(index, image_dir, domain)
+        super().__init__(
+            groups,
+            "winoground",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
+
+    @staticmethod
+    def _parquet_groups(path: Path, domain: str) -> list[GroupFiles]:
+        parquet = _pyarrow_parquet(path)
+        columns = parquet.read_schema(path).names
+        missing = [k for k in WINOGROUND_KEYS if k not in columns]
+        if missing:
+            raise ValueError(f"{path} is not Winoground's parquet: it lacks the columns {missing} (found {columns})")
+        table = parquet.read_table(path, columns=["caption_0", "caption_1", *(["tag"] if "tag" in columns else [])])
+        captions = table.select(["caption_0", "caption_1"]).to_pylist()
+        tags = table.column("tag").to_pylist() if "tag" in columns else ["winoground"] * len(captions)
+        return [
+            GroupFiles(
+                (EmbeddedImage(path, "image_0", row), EmbeddedImage(path, "image_1", row)),
+                (c["caption_0"], c["caption_1"]),
+                domain,
+                str(tag),
+            )
+            for row, (c, tag) in enumerate(zip(captions, tags))
+        ]
+
+    @staticmethod
+    def _jsonl_groups(index: Path, image_dir: str, domain: str) -> list[GroupFiles]:
+        folder, archive = index.parent / image_dir, index.parent / "images.zip"
+        members: set[str] = set()
+        if not folder.is_dir() and archive.is_file():
+            with zipfile.ZipFile(archive) as opened:
+                members = set(opened.namelist())
+
+        def image(name: str) -> ImageSource:
+            if members:
+                for member in (f"images/{name}.png", f"{name}.png", f"images/{name}", name):
+                    if member in members:
+                        return EmbeddedImage(archive, member)
+                return archive / f"images/{name}.png"  # reported as missing
+            return _image_path(folder, name)
+
         groups = []
         for line_no, line in enumerate(index.read_text().splitlines(), 1):
             if not line.strip():
@@ -334,7 +459,7 @@ class WinogroundDataModule(GroupFilesDataModule):
                 item = json.loads(line)
                 groups.append(
                     GroupFiles(
-                        (_image_path(images, item["image_0"]), _image_path(images, item["image_1"])),
+                        (image(item["image_0"]), image(item["image_1"])),
                         (item["caption_0"], item["caption_1"]),
                         domain,
                         str(item.get("tag", "winoground")),
@@ -345,7 +470,7 @@ class WinogroundDataModule(GroupFilesDataModule):
                     f"{index} line {line_no} is not a Winoground example ({error!r}): each line needs "
                     "a JSON object with image_0, image_1, caption_0, caption_1"
                 ) from error
-        super().__init__(groups, "winoground", image_size, batch_size, num_workers)
+        return groups
 
 
 class MMVPVLMDataModule(GroupFilesDataModule):
@@ -362,6 +487,8 @@ class MMVPVLMDataModule(GroupFilesDataModule):
         image_dir: str = "MLLM_VLM Images",
         domain: str = "mmvp_vlm",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -396,14 +523,24 @@ class MMVPVLMDataModule(GroupFilesDataModule):
                     type_0.strip(),
                 )
             )
-        super().__init__(groups, "mmvp_vlm", image_size, batch_size, num_workers)
+        super().__init__(
+            groups,
+            "mmvp_vlm",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
 
 
 class SugarCrepeDataModule(GroupFilesDataModule):
-    """SugarCrepe-style 1 x 2 multiple choice: ``root/<file>.json`` per hard-negative kind
-    (``{id: {"filename", "caption", "negative_caption"}}``, e.g. ``replace_rel.json``) over an image
-    folder ``image_dir`` (COCO val2017; relative to ``root`` unless absolute). Options are
-    ``[caption, negative_caption]``; ``kind`` and ``domain`` are the file's name (without .json).
+    """SugarCrepe's 1 x 2 multiple choice, as its repository (``RAIVNLab/sugar-crepe``) lays it
+    out: ``data/<file>.json`` per hard-negative kind (``{id: {"filename", "caption",
+    "negative_caption"}}``, e.g. ``replace_rel.json``; ``root`` is the repository or its ``data/``
+    folder) over an image folder ``image_dir`` (COCO val2017, which the repository does not ship;
+    relative to ``root`` unless absolute). Options are ``[caption, negative_caption]``; ``kind``
+    and ``domain`` are the file's name (without .json).
     """
 
     def __init__(
@@ -420,6 +557,8 @@ class SugarCrepeDataModule(GroupFilesDataModule):
         ),
         image_dir: str = "val2017",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -440,13 +579,36 @@ class SugarCrepeDataModule(GroupFilesDataModule):
                     f"{path} is not SugarCrepe's layout ({error!r}): expected a JSON object "
                     "{id: {filename, caption, negative_caption}}"
                 ) from error
-        super().__init__(groups, "sugarcrepe", image_size, batch_size, num_workers)
+        super().__init__(
+            groups,
+            "sugarcrepe",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+        )
+
+
+#: What'sUp's question files over COCO and Visual Genome: the image folder beside the JSON files and
+#: the file name of an image id, as the reference loader builds them.
+WHATSUP_QA_IMAGES = {"coco_qa": ("val2017", "{:0>12}.jpg"), "vg_qa": ("vg_images", "{}.jpg")}
 
 
 class WhatsUpDataModule(GroupFilesDataModule):
-    """What'sUp-style 1 x k multiple choice: ``root/<file>.json``, a list of
-    ``{"image_path", "caption_options"}`` with the correct caption first, image paths relative to
-    ``root`` (e.g. ``data/controlled_images/...``); ``kind`` and ``domain`` are the file's name.
+    """What'sUp's 1 x k multiple choice, as its repository (``amitakamath/whatsup_vlms``) lays it
+    out: the JSON files in ``data/`` (``root`` is the repository or its ``data/`` folder), the
+    correct caption first.
+
+    - ``controlled_images_dataset`` / ``controlled_clevr_dataset``: a list of ``{"image_path",
+      "caption_options"}`` (4 options) whose paths are relative to the repository
+      (``data/controlled_images/<name>.jpeg``);
+    - ``coco_qa_one_obj`` / ``coco_qa_two_obj`` / ``vg_qa_one_obj`` / ``vg_qa_two_obj``: a list of
+      ``[image_id, correct_caption, wrong_caption]`` over ``data/val2017/<id, 12 digits>.jpg``
+      (COCO) and ``data/vg_images/<id>.jpg`` (Visual Genome).
+
+    ``kind`` and ``domain`` are the file's name. Files with different option counts (4 and 2) go
+    in separate runs.
     """
 
     def __init__(
@@ -454,6 +616,8 @@ class WhatsUpDataModule(GroupFilesDataModule):
         root: str | Path,
         files: Sequence[str] = ("controlled_images_dataset",),
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
@@ -462,15 +626,28 @@ class WhatsUpDataModule(GroupFilesDataModule):
         for stem in files:
             stem = str(stem).removesuffix(".json")
             path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
+            qa = next((v for k, v in WHATSUP_QA_IMAGES.items() if stem.startswith(k)), None)
             try:
                 items = json.loads(path.read_text())
-                groups += [
-                    GroupFiles((self.root / item["image_path"],), tuple(item["caption_options"]), stem, stem)
-                    for item in items
-                ]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{path} is not What'sUp's layout ({error!r}): expected a JSON list of "
-                    "{image_path, caption_options}"
-                ) from error
-        super().__init__(groups, "whatsup", image_size, batch_size, num_workers)
+                groups += [self._question(item, path.parent, qa, stem) for item in items]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as error:
+                layout = (
+                    "a JSON list of [image_id, correct_caption, wrong_caption]"
+                    if qa
+                    else "a JSON list of {image_path, caption_options}"
+                )
+                raise ValueError(f"{path} is not What'sUp's layout ({error!r}): expected {layout}") from error
+        super().__init__(
+            groups, "whatsup", image_size, batch_size, num_workers, resize_mode=resize_mode, interpolation=interpolation
+        )
+
+    @staticmethod
+    def _question(item: Any, folder: Path, qa: tuple[str, str] | None, stem: str) -> GroupFiles:
+        if qa is not None:
+            image_id, correct, wrong = item
+            return GroupFiles((folder / qa[0] / qa[1].format(image_id),), (correct, wrong), stem, stem)
+        # relative to the repository ("data/controlled_images/..."), i.e. the parent of data/
+        relative = Path(item["image_path"])
+        candidates = [folder.parent / relative, folder / relative]
+        image = next((c for c in candidates if c.is_file()), candidates[0])
+        return GroupFiles((image,), tuple(item["caption_options"]), stem, stem)

@@ -11,16 +11,18 @@ published ImageNet-C numbers are measured on (their JPEG compression is part of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 from tta.datamodules.folder import ImageFilesDataModule
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
+from tta.datamodules.preprocess import Preprocess, classification_sample, collate_with_originals
 from tta.datamodules.streams import StreamDataModule, order_within_domains
 
 CORRUPTIONS = (
@@ -40,6 +42,9 @@ CORRUPTIONS = (
     "pixelate",
     "jpeg_compression",
 )
+#: The four extra corruptions of the official downloads (ImageNet-C's extra archive, CIFAR-10-C's
+#: files): not in "all", which means the 15 of the benchmark.
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -69,10 +74,12 @@ def check_corruptions(
 class ImageNetCDataModule(ImageFilesDataModule):
     """ImageNet-C: one domain ``<corruption>_<severity>`` per corruption and severity asked for.
 
-    ``corruptions`` is "all" (the 15 of :data:`CORRUPTIONS`) or a list of them; ``severities``
+    ``corruptions`` is "all" (the 15 of :data:`CORRUPTIONS`) or a list of them and of the four
+    extra ones (:data:`EXTRA_CORRUPTIONS`, the official extra download); ``severities``
     a list of 1..5 (default [5], the usual TTA protocol). Each severity folder holds the 1000
-    WordNet-id class folders. ``stream`` orders the samples within each domain; images that fail
-    to decode are skipped and counted (``skipped_images``).
+    WordNet-id class folders. ``class_list`` as for ImageNet ("clip" or "unique"). Images are
+    resized to ``image_size`` as the model's preprocessing says. ``stream`` orders the samples
+    within each domain; images that fail to decode are skipped and counted (``skipped_images``).
     """
 
     name = "imagenet_c"
@@ -82,15 +89,19 @@ class ImageNetCDataModule(ImageFilesDataModule):
         root: str | Path,
         corruptions: Sequence[str] | str = "all",
         severities: Sequence[int] = (5,),
+        class_list: str = "clip",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         self.root = Path(root).expanduser()
-        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS)
+        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"data folder {self.root} does not exist: set data.root to the ImageNet-C folder "
@@ -113,49 +124,44 @@ class ImageNetCDataModule(ImageFilesDataModule):
                 folder = self.root / corruption / str(severity)
                 samples += wnid_samples(folder, "imagenet", domain, setting="data.root")
                 domains.append(domain)
-        _, class_names = imagenet_classes("imagenet")
+        _, class_names = imagenet_classes("imagenet", class_list)
         super().__init__(
             samples,
             class_names,
             domains,
             self.name,
-            image_size,
+            Preprocess(image_size, resize_mode, interpolation),
             batch_size,
             num_workers,
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )
 
 
 #: CIFAR-10's classes in label order.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-#: CIFAR-10-C ships four extra corruptions beside the 15 of ImageNet-C.
-CIFAR10_C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 
 class ArrayImageDataset(Dataset):
-    """Samples of the batch contract from ``N x H x W x 3`` uint8 arrays (memory-mapped), resized
-    to ``image_size``. ``rows`` are ``(array key, row, label, domain)``."""
+    """Samples of the batch contract from ``N x H x W x 3`` uint8 arrays (memory-mapped): ``original``
+    the array's image, ``image`` its ``preprocess``-ed model input. ``rows`` are ``(array key, row,
+    label, domain)``."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], rows: list[tuple[str, int, int, str]], image_size: int) -> None:
-        self.arrays, self.rows, self.image_size = arrays, rows, image_size
+    def __init__(
+        self, arrays: dict[str, np.ndarray], rows: list[tuple[str, int, int, str]], preprocess: Preprocess
+    ) -> None:
+        self.arrays, self.rows, self.preprocess = arrays, rows, preprocess
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
         key, row, label, domain = self.rows[i]
-        image = torch.from_numpy(np.ascontiguousarray(self.arrays[key][row])).permute(2, 0, 1).float() / 255
-        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
-            image = F.interpolate(
-                image.unsqueeze(0),
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )[0].clamp(0, 1)
-        return {"image": image, "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
+        # a copy: rows of a read-only memory map would make torch warn that the array is not writable
+        original = torch.from_numpy(np.array(self.arrays[key][row])).permute(2, 0, 1).contiguous()
+        return classification_sample(original, self.preprocess, label, i, domain)
 
 
 class CIFAR10CDataModule(StreamDataModule):
@@ -163,8 +169,8 @@ class CIFAR10CDataModule(StreamDataModule):
     severities one after the other, N/5 images each) and ``root/labels.npy``.
 
     One domain ``<corruption>_<severity>`` per corruption and severity asked for; classes are
-    CIFAR-10's ten. Images are upsampled to ``image_size`` (bilinear). ``stream`` orders the
-    samples within each domain.
+    CIFAR-10's ten. Images are upsampled to ``image_size`` as the model's preprocessing says
+    (``resize_mode``, ``interpolation``). ``stream`` orders the samples within each domain.
     """
 
     name = "cifar10_c"
@@ -176,6 +182,8 @@ class CIFAR10CDataModule(StreamDataModule):
         corruptions: Sequence[str] | str = "all",
         severities: Sequence[int] = (5,),
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
@@ -184,9 +192,10 @@ class CIFAR10CDataModule(StreamDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
-        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + CIFAR10_C_EXTRA)
-        if int(batch_size) < 1 or int(image_size) < 1:
-            raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
+        self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}: fix data.batch_size")
+        self.preprocess = Preprocess(image_size, resize_mode, interpolation)
         labels_path = self.root / "labels.npy"
         if not labels_path.is_file():
             nested = sorted(p for p in self.root.glob("*/labels.npy")) if self.root.is_dir() else []
@@ -221,7 +230,7 @@ class CIFAR10CDataModule(StreamDataModule):
                 start = (severity - 1) * per_severity
                 rows += [(corruption, start + r, int(labels[start + r]), domain) for r in range(per_severity)]
                 self.domains.append(domain)
-        self.dataset = ArrayImageDataset(arrays, rows, int(image_size))
+        self.dataset = ArrayImageDataset(arrays, rows, self.preprocess)
         self.order = order_within_domains(
             torch.tensor([label for _, _, label, _ in rows]),
             [domain for _, _, _, domain in rows],
@@ -233,3 +242,7 @@ class CIFAR10CDataModule(StreamDataModule):
         )
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
+
+    @override
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return collate_with_originals

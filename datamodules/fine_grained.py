@@ -6,7 +6,8 @@ file: a JSON ``{"train": [...], "val": [...], "test": [...]}`` whose entries are
 ``[image path relative to the image folder, label, class name]``. FGVC-Aircraft has no JSON:
 its split is ``images_variant_<split>.txt`` (lines ``<image id> <variant>``, images in
 ``images/<image id>.jpg``). Class names (in label order) come from
-``tta/data/fine_grained.json``.
+``tta/data/fine_grained.json`` with ``_`` replaced by a space, as the reference prompts them
+("apple_pie" -> "a photo of a apple pie.").
 
 ======================  ================  ========================  ===================================
 ``dataset``             usual folder      image folder              split file
@@ -32,6 +33,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from tta.datamodules.folder import ImageFilesDataModule, Sample
+from tta.datamodules.preprocess import Preprocess
 
 #: dataset -> (usual folder name, image folder inside it, split file inside it)
 DATASETS = {
@@ -50,11 +52,18 @@ SPLITS = ("train", "val", "test")
 
 
 @cache
-def fine_grained_class_names(dataset: str) -> list[str]:
-    """The class names of ``dataset`` in label order (``tta/data/fine_grained.json``)."""
+def _listed_names(dataset: str) -> list[str]:
+    """The class names of ``dataset`` in label order, as ``tta/data/fine_grained.json`` lists them."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown fine-grained data set {dataset!r}: choose from {list(DATASETS)}")
     return json.loads(files("tta.data").joinpath("fine_grained.json").read_text())[dataset]
+
+
+def fine_grained_class_names(dataset: str) -> list[str]:
+    """The class names of ``dataset`` in label order, as the prompts use them: ``_`` replaced by a
+    space (TPT's reference does the same; 349 names of food101, pets, sun397, caltech101 and
+    ucf101 have underscores)."""
+    return [name.replace("_", " ") for name in _listed_names(dataset)]
 
 
 def read_split(root: Path, dataset: str, split: str, domain: str) -> list[Sample]:
@@ -68,7 +77,7 @@ def read_split(root: Path, dataset: str, split: str, domain: str) -> list[Sample
             else f"data.root must be the {dataset} folder holding {image_dir or 'the images'} and {split_file.name}"
         )
         raise FileNotFoundError(f"split file {split_file} not found: {hint}")
-    names = fine_grained_class_names(dataset)
+    names = _listed_names(dataset)
     images = root / image_dir
     if dataset == "aircraft":
         label_of = {name: label for label, name in enumerate(names)}
@@ -111,9 +120,10 @@ class FineGrainedDataModule(ImageFilesDataModule):
 
     ``root`` is the data set's own folder (see the table in the module doc); ``split`` is
     "test" for test-time adaptation. Labels follow the split file; class names are the
-    package's for ``dataset``. The domain and ``name`` are ``dataset``. Images are resized
-    (shorter side) and centre-cropped to ``image_size``; ``stream`` orders them; images that
-    fail to decode are skipped and counted (``skipped_images``).
+    package's for ``dataset`` (``_`` as a space). The domain and ``name`` are ``dataset``. Images are
+    resized to ``image_size`` as the model's preprocessing says (``resize_mode``,
+    ``interpolation``); ``stream`` orders them; images that fail to decode are skipped and
+    counted (``skipped_images``).
     """
 
     def __init__(
@@ -122,11 +132,14 @@ class FineGrainedDataModule(ImageFilesDataModule):
         dataset: str,
         split: str = "test",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         class_names = fine_grained_class_names(dataset)
         if split not in SPLITS:
@@ -143,10 +156,11 @@ class FineGrainedDataModule(ImageFilesDataModule):
             class_names,
             [dataset],
             dataset,
-            image_size,
+            Preprocess(image_size, resize_mode, interpolation),
             batch_size,
             num_workers,
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )

@@ -1,7 +1,8 @@
 """Images on disk in the folder-per-class layout (``root/<class folder>/<image>``), and the
 shared pieces of every file-based datamodule: folder scanning, a dataset of image files that
-skips (and counts) images that fail to decode, and :class:`ImageFilesDataModule`, the base that
-turns a list of ``(path, label, domain)`` samples into batches of the contract in a stream order."""
+skips (and counts, and names) images that fail to decode, and :class:`ImageFilesDataModule`,
+the base that turns a list of ``(path, label, domain)`` samples into batches of the contract
+in a stream order."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import v2
+from PIL import UnidentifiedImageError
+from torch.utils.data import Dataset
 from typing_extensions import override
 
+from tta.datamodules.preprocess import ORIGINAL, Preprocess, classification_sample, collate_with_originals, decode
 from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
 from tta.models.vlm import check_class_names
 
@@ -23,6 +24,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 #: One sample of a file-based data set: image path, label (index into class_names), domain.
 Sample = tuple[Path, int, str]
+#: What a file-based datamodule does with an image that fails to decode (``on_bad_image``).
+BAD_IMAGE_CHOICES = ("skip", "error")
 
 
 def _images_in(folder: Path, extensions: Sequence[str]) -> list[Path]:
@@ -58,57 +61,48 @@ def scan_class_folders(
     return classes
 
 
-def image_transform(image_size: int) -> v2.Compose:
-    """PIL image -> float ``3 x image_size x image_size`` in [0, 1]: shorter side resized
-    (bicubic, antialiased), centre crop."""
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-
-
 class ImageFilesDataset(Dataset):
-    """Samples of the batch contract from image files; ``index`` is the sample's position.
+    """Samples of the batch contract from image files; ``index`` is the sample's position,
+    ``original`` the image as decoded and ``image`` its ``preprocess``-ed model input.
 
-    An image that fails to decode gives ``None``; :func:`collate_skipping` drops it and counts it.
+    An image that fails to decode gives ``{"undecodable": its path}``; :func:`collate_skipping`
+    leaves it out of the batch and names it.
     """
 
-    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess) -> None:
         self.samples = list(samples)
-        self.transform = image_transform(image_size)
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> dict:
         path, label, domain = self.samples[i]
         try:
-            with Image.open(path) as image:
-                pixels = self.transform(image.convert("RGB"))
+            original = decode(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            return None
-        return {"image": pixels.clamp(0, 1), "label": torch.tensor(label), "index": torch.tensor(i), "domain": domain}
+            return {"undecodable": str(path)}
+        return classification_sample(original, self.preprocess, label, i, domain)
 
 
-def collate_skipping(samples: list[dict | None], image_size: int) -> dict[str, Any]:
+def collate_skipping(samples: list[dict], image_size: int) -> dict[str, Any]:
     """The default collate over the samples that decoded, plus ``skipped_images`` (how many of
-    the batch did not). A batch whose every image failed is an empty batch of the contract."""
-    kept = [s for s in samples if s is not None]
+    the batch did not) and ``skipped_paths`` (their files). A batch whose every image failed is
+    an empty batch of the contract."""
+    kept = [s for s in samples if "undecodable" not in s]
     batch = (
-        default_collate(kept)
+        collate_with_originals(kept)
         if kept
         else {
             "image": torch.zeros(0, 3, image_size, image_size),
+            ORIGINAL: [],
             "label": torch.zeros(0, dtype=torch.long),
             "index": torch.zeros(0, dtype=torch.long),
             "domain": [],
         }
     )
     batch["skipped_images"] = len(samples) - len(kept)
+    batch["skipped_paths"] = [s["undecodable"] for s in samples if "undecodable" in s]
     return batch
 
 
@@ -117,8 +111,11 @@ class ImageFilesDataModule(StreamDataModule):
 
     ``stream`` orders the samples within each domain, domains following each other in
     ``domains`` order (see ``tta.datamodules.streams``); samples keep their ``index``. Images
-    that fail to decode are left out of their batch and counted in its ``skipped_images``
-    (the prediction writer sums them into ``metrics.json``).
+    that fail to decode are left out of their batch and counted in its ``skipped_images``, their
+    files in ``skipped_paths`` (the prediction writer sums them into ``metrics.json`` and names
+    the first at the end), or, with ``on_bad_image="error"``, stop the run at the first one.
+    Images reach the model as ``preprocess`` makes them (``tta.datamodules.preprocess``), with the
+    original beside them.
     """
 
     def __init__(
@@ -127,25 +124,30 @@ class ImageFilesDataModule(StreamDataModule):
         class_names: Sequence[str],
         domains: Sequence[str],
         name: str,
-        image_size: int,
+        preprocess: Preprocess,
         batch_size: int,
         num_workers: int,
         stream: str,
         dirichlet_alpha: float,
         stream_seed: int,
+        on_bad_image: str = "skip",
     ) -> None:
         super().__init__()
-        if int(batch_size) < 1 or int(image_size) < 1 or int(num_workers) < 0:
+        if on_bad_image not in BAD_IMAGE_CHOICES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_CHOICES}, got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
+        if int(batch_size) < 1 or int(num_workers) < 0:
             raise ValueError(
-                f"batch_size and image_size must be positive and num_workers >= 0, got "
-                f"{batch_size}, {image_size}, {num_workers}: fix data.batch_size / image_size / num_workers"
+                f"batch_size must be positive and num_workers >= 0, got {batch_size}, {num_workers}: "
+                "fix data.batch_size / num_workers"
             )
         self.class_names = check_class_names(class_names)
         self.domains, self.name = list(domains), name
-        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.preprocess, self.image_size = preprocess, int(preprocess.size)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         check_stream(stream, dirichlet_alpha)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
-        self.dataset = ImageFilesDataset(samples, self.image_size)
+        self.dataset = ImageFilesDataset(samples, preprocess)
         labels = torch.tensor([label for _, label, _ in self.dataset.samples], dtype=torch.long)
         domain_of = [domain for _, _, domain in self.dataset.samples]
         self.order = order_within_domains(
@@ -153,8 +155,19 @@ class ImageFilesDataModule(StreamDataModule):
         )
 
     @override
-    def collate_fn(self) -> Callable[[list[dict | None]], dict[str, Any]]:
+    def collate_fn(self) -> Callable[[list[dict]], dict[str, Any]]:
         return partial(collate_skipping, image_size=self.image_size)
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # here, in the main process, rather than in the loader: a loader worker's error comes
+        # back wrapped in its traceback
+        if self.on_bad_image == "error" and batch["skipped_paths"]:
+            raise ValueError(
+                f"cannot decode the image {batch['skipped_paths'][0]}: replace or remove the file, or set "
+                "data.on_bad_image=skip to leave undecodable images out (they are listed at the end)"
+            )
+        return batch
 
 
 class ImageFolderDataModule(ImageFilesDataModule):
@@ -162,11 +175,15 @@ class ImageFolderDataModule(ImageFilesDataModule):
 
     Classes are the folders in sorted order; ``class_names`` (same order, same count) gives
     them readable names for the text prompts, otherwise the folder names are used with
-    underscores as spaces. Images are resized (shorter side) and centre-cropped to
-    ``image_size``, RGB, in [0, 1]. ``stream`` orders the samples (see
-    ``tta.datamodules.streams``); the default "iid" shuffles them, since folder order is
+    underscores as spaces. Images are resized to ``image_size`` as the model's preprocessing says
+    (``resize_mode``, ``interpolation``: see ``tta.datamodules.preprocess``), RGB, in [0, 1].
+    ``stream`` orders the samples (see ``tta.datamodules.streams``); the default "iid" shuffles
+    them, since folder order is
     sorted by class, the worst case for batch-level methods. Images that fail to decode are
-    skipped and counted (``skipped_images``).
+    skipped and counted (``skipped_images``), or stop the run (``on_bad_image="error"``).
+
+    ``class_names`` that are the folder names in another order would silently swap labels, so
+    they are refused, with the folder order in the message.
     """
 
     def __init__(
@@ -175,22 +192,34 @@ class ImageFolderDataModule(ImageFilesDataModule):
         class_names: Sequence[str] | None = None,
         domain: str | None = None,
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
         self.root = Path(root).expanduser()
         self.extensions = tuple(e.lower() for e in extensions)
         classes = scan_class_folders(self.root, self.extensions)  # fails fast, before any model loads
+        folder_names = [name.replace("_", " ") for name, _ in classes]
         if class_names is None:
-            class_names = [name.replace("_", " ") for name, _ in classes]
+            class_names = folder_names
         elif len(class_names) != len(classes):
             raise ValueError(
                 f"{len(class_names)} class names for {len(classes)} class folders in {self.root}: "
                 "give one name per folder, in sorted folder order"
+            )
+        elif (given := [str(n).replace("_", " ") for n in class_names]) != folder_names and sorted(given) == sorted(
+            folder_names
+        ):
+            raise ValueError(
+                f"data.class_names {list(class_names)} are the class folders of {self.root} in another order, "
+                f"which would swap their labels: labels follow the sorted folders {[n for n, _ in classes]}; "
+                "give the names in that order, or leave data.class_names unset"
             )
         name = domain or self.root.name
         samples = [(path, label, name) for label, (_, images) in enumerate(classes) for path in images]
@@ -199,10 +228,11 @@ class ImageFolderDataModule(ImageFilesDataModule):
             class_names,
             [name],
             name,
-            image_size,
+            Preprocess(image_size, resize_mode, interpolation),
             batch_size,
             num_workers,
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )

@@ -6,11 +6,13 @@
 - ImageNet-V2: ``root/<k>/<image>`` where folder ``k`` (0..999) holds label ``k``: folder names
   are read as integers, never sorted as strings ("10" sorts before "2").
 
-Class names are CLIP's cleaned ImageNet names (``tta/data/imagenet.json``). Two of them occur
-twice ("missile" for n03773504 and n04008634; "sunglasses" for n04355933 and n04356056); class
-names must be unique, so the second occurrence of each takes a qualifier from its WordNet
-synset (:data:`DUPLICATE_RENAMES`: n04008634 "projectile, missile" -> "projectile missile",
-n04356056 "sunglasses, dark glasses" -> "dark glasses"); the other 998 names are unchanged.
+Class names are CLIP's cleaned ImageNet names (``tta/data/imagenet.json``), as CLIP and TPT
+prompt with them (``class_list="clip"``, the default). Two of them occur twice ("missile" for
+n03773504 and n04008634; "sunglasses" for n04355933 and n04356056), so those two pairs of
+classes get the same text features, as in the reference; a warning says so. ``class_list="unique"``
+gives the second occurrence of each a qualifier from its WordNet synset
+(:data:`DUPLICATE_RENAMES`: n04008634 "projectile, missile" -> "projectile missile", n04356056
+"sunglasses, dark glasses" -> "dark glasses"); the other 998 names are the same in both lists.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from tta.datamodules.folder import IMAGE_EXTENSIONS, ImageFilesDataModule, Sample, scan_class_folders
+from tta.datamodules.preprocess import Preprocess
 
 #: The second occurrence of each duplicated CLIP name, renamed by WordNet id (see the module doc).
 DUPLICATE_RENAMES = {"n04008634": "projectile missile", "n04356056": "dark glasses"}
+#: ``class_list`` values: CLIP's list as is (the reference's), or with the duplicates renamed.
+CLASS_LISTS = ("clip", "unique")
 
 #: variant -> (name of its subset key in imagenet.json or None for all 1000, readable name)
 VARIANTS = {
@@ -38,20 +43,24 @@ VARIANTS = {
 
 @cache
 def imagenet_metadata() -> dict[str, Any]:
-    """``tta/data/imagenet.json`` with ``classnames`` made unique (see the module doc)."""
-    data = json.loads(files("tta.data").joinpath("imagenet.json").read_text())
-    data["classnames"] = [DUPLICATE_RENAMES.get(wnid, name) for wnid, name in zip(data["wnids"], data["classnames"])]
-    return data
+    """``tta/data/imagenet.json``: WordNet ids, CLIP's class names, the -A and -R subsets."""
+    return json.loads(files("tta.data").joinpath("imagenet.json").read_text())
 
 
-def imagenet_classes(variant: str = "imagenet") -> tuple[list[str], list[str]]:
-    """``(WordNet ids, class names)`` of a variant's classes, in ImageNet label order."""
+def imagenet_classes(variant: str = "imagenet", class_list: str = "clip") -> tuple[list[str], list[str]]:
+    """``(WordNet ids, class names)`` of a variant's classes, in ImageNet label order; ``class_list``
+    "clip" (CLIP's names, two duplicates included) or "unique" (see the module doc)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown ImageNet variant {variant!r}: choose from {list(VARIANTS)}")
+    if class_list not in CLASS_LISTS:
+        raise ValueError(f"unknown class_list {class_list!r}: set data.class_list to one of {list(CLASS_LISTS)}")
     meta = imagenet_metadata()
+    names = meta["classnames"]
+    if class_list == "unique":
+        names = [DUPLICATE_RENAMES.get(wnid, name) for wnid, name in zip(meta["wnids"], names)]
     subset = VARIANTS[variant][0]
     indices = meta[subset] if subset else range(len(meta["wnids"]))
-    return [meta["wnids"][i] for i in indices], [meta["classnames"][i] for i in indices]
+    return [meta["wnids"][i] for i in indices], [names[i] for i in indices]
 
 
 def wnid_samples(
@@ -111,23 +120,29 @@ class ImageNetDataModule(ImageFilesDataModule):
 
     ``variant``: "imagenet", "imagenet_sketch" (1000 classes), "imagenet_a" or "imagenet_r"
     (their 200 classes: labels index ``class_names``, which has the 200 names in ImageNet
-    order). The domain and ``name`` are the variant. Images are resized (shorter side) and
-    centre-cropped to ``image_size``; ``stream`` orders them (``tta.datamodules.streams``);
-    images that fail to decode are skipped and counted (``skipped_images``).
+    order). ``class_list``: "clip" (the reference's names) or "unique" (see the module doc). The
+    domain and ``name`` are the variant. Images are resized to ``image_size`` as the model's
+    preprocessing says (``resize_mode``, ``interpolation``); ``stream`` orders them
+    (``tta.datamodules.streams``); images that fail to decode are skipped and counted
+    (``skipped_images``).
     """
 
     def __init__(
         self,
         root: str | Path,
         variant: str = "imagenet",
+        class_list: str = "clip",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
-        _, class_names = imagenet_classes(variant)
+        _, class_names = imagenet_classes(variant, class_list)
         self.root, self.variant = Path(root).expanduser(), variant
         samples = wnid_samples(self.root, variant, variant)
         super().__init__(
@@ -135,32 +150,38 @@ class ImageNetDataModule(ImageFilesDataModule):
             class_names,
             [variant],
             variant,
-            image_size,
+            Preprocess(image_size, resize_mode, interpolation),
             batch_size,
             num_workers,
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )
 
 
 class ImageNetV2DataModule(ImageFilesDataModule):
     """ImageNet-V2 (any of its three sets) in its download layout ``root/<label>/<image>``, the
-    folder names being integer labels 0..999 (mapped as integers, not in string order)."""
+    folder names being integer labels 0..999 (mapped as integers, not in string order);
+    ``class_list`` and the preprocessing as for :class:`ImageNetDataModule`."""
 
     name = "imagenet_v2"
 
     def __init__(
         self,
         root: str | Path,
+        class_list: str = "clip",
         image_size: int = 224,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
         dirichlet_alpha: float = 0.1,
         stream_seed: int = 0,
+        on_bad_image: str = "skip",
     ) -> None:
-        _, class_names = imagenet_classes("imagenet")
+        _, class_names = imagenet_classes("imagenet", class_list)
         self.root = Path(root).expanduser()
         samples = integer_samples(self.root, len(class_names), self.name)
         super().__init__(
@@ -168,10 +189,11 @@ class ImageNetV2DataModule(ImageFilesDataModule):
             class_names,
             [self.name],
             self.name,
-            image_size,
+            Preprocess(image_size, resize_mode, interpolation),
             batch_size,
             num_workers,
             stream,
             dirichlet_alpha,
             stream_seed,
+            on_bad_image,
         )

@@ -25,8 +25,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.v2 import functional as TF
 from typing_extensions import override
 
+from tta.datamodules.preprocess import INTERPOLATIONS
 from tta.datamodules.streams import StreamDataModule
 from tta.world import CLASS_NAMES, DOMAINS, check_domain
 from tta.world.search import SearchWorld, render_search_episode
@@ -140,18 +142,29 @@ class EpisodeFolderDataModule(StreamDataModule):
          "domain": "site A"}                    # optional, default "user"
 
     The file and every image are checked when the datamodule is built. ``image_size``, if
-    given, resizes each image so that its cells are ``image_size`` pixels (targets follow);
-    None keeps the images as they are (the model resizes the cells).
+    given, resizes each image so that its cells are ``image_size`` pixels (targets follow), with
+    the model's ``interpolation`` (antialiased); None keeps the images as they are (the model
+    resizes the cells).
     """
 
     name = "episode_folder"
 
     def __init__(
-        self, root: str | Path, image_size: int | None = None, batch_size: int = 1, num_workers: int = 0
+        self,
+        root: str | Path,
+        image_size: int | None = None,
+        interpolation: str = "bicubic",
+        batch_size: int = 1,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"unknown interpolation {interpolation!r}: set data.interpolation to one of {list(INTERPOLATIONS)}"
+            )
         self.root = Path(root).expanduser()
         self.image_size, self.batch_size, self.num_workers = image_size, int(batch_size), int(num_workers)
+        self.interpolation = interpolation
         self.episodes = self._read_index()
         self.class_names = sorted({e.get("query") or Path(e["query_image"]).stem for e in self.episodes})
         self.domains = list(dict.fromkeys(e.get("domain", "user") for e in self.episodes))
@@ -201,13 +214,8 @@ class EpisodeFolderDataModule(StreamDataModule):
         col = (targets[:, 0] * cols / width).long()
         counts = torch.bincount(row * cols + col, minlength=rows * cols).view(rows, cols)
         if self.image_size is not None:
-            image = torch.nn.functional.interpolate(
-                image[None],
-                size=(rows * self.image_size, cols * self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )[0].clamp(0, 1)
+            size = [rows * self.image_size, cols * self.image_size]
+            image = TF.resize(image, size, interpolation=INTERPOLATIONS[self.interpolation], antialias=True).clamp(0, 1)
         start = tuple(int(s) for s in episode.get("start", (0, 0)))
         if not (0 <= start[0] < rows and 0 <= start[1] < cols):
             raise ValueError(f"episode {k}: start {list(start)} is outside its {rows} x {cols} grid")

@@ -102,6 +102,7 @@ class StreamSampler(DistributedSampler):
             for g, start in enumerate(batches)
             if g % self.num_replicas == self.rank
         ]
+        self.n_batches = len(mine)  # this rank's batches in the whole stream, finished ones included
         self.positions = [p for batch in mine[self.start_batch :] for p in batch]
         self.num_samples = self.total_size = len(self.positions)
 

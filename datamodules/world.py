@@ -2,43 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from tta.datamodules.preprocess import Preprocess, classification_sample, collate_with_originals
 from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
-from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, check_domain, model_input, render_domain
+from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, check_domain, render_domain
 
 
 class TensorDictDataset(Dataset):
-    """Samples of the batch contract from pre-built tensors (images stored as uint8)."""
+    """Samples of the batch contract from rendered scenes stored as uint8: ``original`` the render,
+    ``image`` its ``preprocess``-ed model input (computed on access, like a decoded file's)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, domains: list[str]) -> None:
-        self.images, self.labels, self.domains = images, labels, domains
+    def __init__(
+        self, originals: torch.Tensor, labels: torch.Tensor, domains: list[str], preprocess: Preprocess
+    ) -> None:
+        self.originals, self.labels, self.domains, self.preprocess = originals, labels, domains, preprocess
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "image": self.images[i].float() / 255,
-            "label": self.labels[i],
-            "index": torch.tensor(i),
-            "domain": self.domains[i],
-        }
+        return classification_sample(self.originals[i], self.preprocess, self.labels[i], i, self.domains[i])
 
 
 class WorldDataModule(StreamDataModule):
     """Single-object scenes of the offline world, ``n_per_domain`` per domain.
 
     Every domain shows the same scenes (same ``seed``) through its shift, so differences
-    between domains are the shift's alone. Scenes are rendered as originals of ``render_size``
-    px (stored as uint8 like real images) and resized + centre-cropped to ``image_size``, as
-    real images are (``tta.world.model_input``). The default ``seed`` is disjoint from the training seeds of
-    the shipped model. ``stream`` orders each domain's samples (see ``tta.datamodules.streams``:
-    "iid", "sorted" by label, or "dirichlet" class-imbalanced chunks of ``batch_size``).
+    between domains are the shift's alone. Scenes are rendered at ``render_size`` px and stored
+    as uint8 like decoded files: that render is the batch's ``original`` (view-based methods crop
+    their views from it), and ``image`` is made from it as a real image's is, by the model's
+    preprocessing (``image_size``, ``resize_mode``, ``interpolation``). The default
+    ``render_size`` (``ORIGINAL_SIZE``, 128) is twice the shipped models' input, so views have
+    finer detail than the model's input, as real photographs do; the spatial shifts' levels are
+    in pixels of the 64 px model input and scale with the render, so a shift's strength at the
+    model's input does not depend on ``render_size``. The default ``seed`` is disjoint from the training seeds
+    of the shipped model. ``stream`` orders each domain's samples (see
+    ``tta.datamodules.streams``: "iid", "sorted" by label, or "dirichlet" class-imbalanced chunks
+    of ``batch_size``).
     """
 
     name = "world"
@@ -50,8 +56,10 @@ class WorldDataModule(StreamDataModule):
         severity: int = 3,
         n_per_domain: int = 500,
         seed: int = 10_000,
-        image_size: int = 64,
         render_size: int = ORIGINAL_SIZE,
+        image_size: int = 64,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         batch_size: int = 64,
         num_workers: int = 0,
         stream: str = "iid",
@@ -68,11 +76,15 @@ class WorldDataModule(StreamDataModule):
             raise ValueError(f"domains {self.domains} repeat a domain: list each once")
         if not 1 <= int(severity) <= 5:
             raise ValueError(f"severity must be in 1..5, got {severity}")
-        if n_per_domain < 1 or batch_size < 1:
-            raise ValueError(f"n_per_domain and batch_size must be positive, got {n_per_domain}, {batch_size}")
+        if n_per_domain < 1 or batch_size < 1 or render_size < 1:
+            raise ValueError(
+                f"n_per_domain, batch_size and render_size must be positive, got {n_per_domain}, {batch_size}, "
+                f"{render_size}"
+            )
         self.severity, self.n_per_domain, self.seed = int(severity), int(n_per_domain), int(seed)
-        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
-        self.render_size = int(render_size)
+        self.preprocess = Preprocess(image_size, resize_mode, interpolation)
+        self.render_size, self.image_size = int(render_size), int(image_size)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         check_stream(stream, dirichlet_alpha)
         self.stream, self.dirichlet_alpha, self.stream_seed = stream, float(dirichlet_alpha), int(stream_seed)
         self.dataset: TensorDictDataset | None = None
@@ -82,14 +94,13 @@ class WorldDataModule(StreamDataModule):
     def setup(self, stage: str) -> None:
         if self.dataset is not None:
             return
-        images, labels, domains = [], [], []
+        renders, labels, domains = [], [], []
         for domain in self.domains:
-            scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed, self.render_size)
-            originals = (scenes.images * 255).round().to(torch.uint8)
-            images.append((model_input(originals, self.image_size) * 255).round().to(torch.uint8))
+            scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed, size=self.render_size)
+            renders.append((scenes.images * 255).round().to(torch.uint8))
             labels.append(scenes.labels)
             domains += [domain] * self.n_per_domain
-        self.dataset = TensorDictDataset(torch.cat(images), torch.cat(labels), domains)
+        self.dataset = TensorDictDataset(torch.cat(renders), torch.cat(labels), domains, self.preprocess)
         self.order = order_within_domains(
             self.dataset.labels,
             domains,
@@ -99,3 +110,7 @@ class WorldDataModule(StreamDataModule):
             self.dirichlet_alpha,
             self.batch_size,
         )
+
+    @override
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return collate_with_originals

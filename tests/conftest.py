@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +26,16 @@ torch.set_num_threads(1)
 TINY_MODELS = ("tta-tiny-clip", "tta-tiny-customtext", "tta-tiny-sigmoid")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` (the GPU tier, ``pytest -m gpu``) are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the GPU tier: pytest -m gpu on a machine with one)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def make_tiny_vlm(name: str, seed: int = 0) -> VisionLanguageModel:
     torch.manual_seed(seed)
     return create_vlm(name)
@@ -37,7 +49,7 @@ def tiny_vlm(request) -> VisionLanguageModel:
 
 @pytest.fixture(scope="session")
 def shipped_vlm() -> VisionLanguageModel:
-    return create_vlm("tta-world-vit")
+    return create_vlm("tta-world-resnet")
 
 
 def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:
@@ -111,25 +123,55 @@ def cifar10_c_tree(root: Path, corruptions: Sequence[str], per_severity: int = 4
     return root
 
 
-def winoground_tree(root: Path, n: int = 3) -> Path:
-    """A Winoground copy: ``examples.jsonl`` + ``images/ex_<i>_img_<j>.png``."""
-    lines = []
+def winoground_tree(root: Path, n: int = 3, layout: str = "parquet") -> Path:
+    """A copy of Winoground as the Hugging Face hub lays it out (``facebook/winoground``):
+
+    - ``parquet``: ``data/test-00000-of-00001.parquet`` with the card's columns, images embedded
+      as the ``Image`` feature stores them (a struct of ``bytes`` and ``path``);
+    - ``zip``: the older ``data/examples.jsonl`` + ``data/images.zip`` (members ``images/ex_<i>_img_<j>.png``);
+    - ``unzipped``: ``data/examples.jsonl`` + ``data/images/ex_<i>_img_<j>.png``.
+    """
+    data = root / "data"
+    examples = []
     for i in range(n):
+        example = {
+            "id": i,
+            "image_0": f"ex_{i}_img_0",
+            "image_1": f"ex_{i}_img_1",
+            "caption_0": f"a mug left of a cat {i}",
+            "caption_1": f"a cat left of a mug {i}",
+            "tag": ["Object", "Relation"][i % 2],
+            "secondary_tag": "",
+            "num_main_preds": 1,
+            "collapsed_tag": ["Object", "Relation"][i % 2],
+        }
         for j in range(2):
-            save_image(root / "images" / f"ex_{i}_img_{j}.png", size=(12, 10), seed=10 * i + j)
-        lines.append(
-            json.dumps(
-                {
-                    "id": i,
-                    "image_0": f"ex_{i}_img_0",
-                    "image_1": f"ex_{i}_img_1",
-                    "caption_0": f"a mug left of a cat {i}",
-                    "caption_1": f"a cat left of a mug {i}",
-                    "tag": ["Object", "Relation"][i % 2],
-                }
-            )
-        )
-    (root / "examples.jsonl").write_text("\n".join(lines) + "\n")
+            save_image(data / "images" / f"ex_{i}_img_{j}.png", size=(12, 10), seed=10 * i + j)
+        examples.append(example)
+    if layout == "unzipped":
+        (data / "examples.jsonl").write_text("\n".join(json.dumps(e) for e in examples) + "\n")
+        return root
+    images = {p.stem: p.read_bytes() for p in (data / "images").glob("*.png")}
+    shutil.rmtree(data / "images")
+    if layout == "zip":
+        (data / "examples.jsonl").write_text("\n".join(json.dumps(e) for e in examples) + "\n")
+        with zipfile.ZipFile(data / "images.zip", "w") as archive:
+            for name, content in images.items():
+                archive.writestr(f"images/{name}.png", content)
+        return root
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema(
+        [("id", pa.int32()), ("image_0", image), ("image_1", image)]
+        + [(k, pa.string()) for k in ("caption_0", "caption_1", "tag", "secondary_tag")]
+        + [("num_main_preds", pa.int32()), ("collapsed_tag", pa.string())]
+    )
+    rows = [
+        {**e, **{k: {"bytes": images[e[k]], "path": f"{e[k]}.png"} for k in ("image_0", "image_1")}} for e in examples
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), data / "test-00000-of-00001.parquet")
     return root
 
 
@@ -165,15 +207,27 @@ def sugarcrepe_tree(root: Path, files: Sequence[str] = ("replace_rel", "swap_att
 def whatsup_tree(
     root: Path, files: Sequence[str] = ("controlled_images_dataset",), n: int = 2, options: int = 4
 ) -> Path:
-    """A What'sUp copy: ``<file>.json`` lists ``{image_path, caption_options}`` (correct first)."""
+    """A What'sUp repository (``amitakamath/whatsup_vlms``): ``data/<file>.json``, correct caption first.
+    ``coco_qa_*`` / ``vg_qa_*`` files list ``[image_id, correct, wrong]`` over ``data/val2017/<id:012d>.jpg``
+    / ``data/vg_images/<id>.jpg``; the others ``{image_path, caption_options}`` with paths relative to
+    the repository (``data/controlled_images/<name>.jpeg``)."""
+    data = root / "data"
     for f, stem in enumerate(files):
         items = []
         for i in range(n):
-            path = f"data/{stem}/img_{i}.jpeg"
+            if stem.startswith(("coco_qa", "vg_qa")):
+                image_id = 397133 + 10 * f + i
+                folder, name = (
+                    ("val2017", f"{image_id:012d}.jpg") if stem.startswith("coco") else ("vg_images", f"{image_id}.jpg")
+                )
+                save_image(data / folder / name, size=(12, 10), seed=10 * f + i)
+                items.append([image_id, f"a mug above a table {i}", f"a mug below a table {i}"])
+                continue
+            path = f"data/controlled_images/{stem}_{i}.jpeg"
             save_image(root / path, size=(12, 10), seed=10 * f + i)
             relations = ["on", "under", "left of", "right of"][:options]
             items.append({"image_path": path, "caption_options": [f"a mug {r} a table" for r in relations]})
-        (root / f"{stem}.json").write_text(json.dumps(items))
+        (data / f"{stem}.json").write_text(json.dumps(items))
     return root
 
 

@@ -4,6 +4,7 @@ the folder semantics, split files are read right, and each bad layout gets its m
 from __future__ import annotations
 
 import json
+import warnings
 from importlib.resources import files
 
 import pytest
@@ -19,7 +20,7 @@ from tta.datamodules import (
     ImageNetDataModule,
     ImageNetV2DataModule,
 )
-from tta.datamodules.corrupted import CORRUPTIONS
+from tta.datamodules.corrupted import CORRUPTIONS, EXTRA_CORRUPTIONS
 from tta.datamodules.fine_grained import DATASETS, fine_grained_class_names
 from tta.datamodules.imagenet import DUPLICATE_RENAMES, imagenet_classes, imagenet_metadata
 
@@ -40,11 +41,13 @@ def labels_by_folder(datamodule) -> dict[str, set[int]]:
 # --- class names -------------------------------------------------------------------------------
 
 
-def test_imagenet_names_are_unique_and_only_the_duplicates_change():
+def test_imagenet_names_are_clips_and_the_unique_list_changes_only_the_duplicates():
     raw = json.loads(files("tta.data").joinpath("imagenet.json").read_text())
-    names = imagenet_metadata()["classnames"]
-    assert len(names) == len(set(names)) == 1000
-    changed = [wnid for wnid, a, b in zip(raw["wnids"], raw["classnames"], names) if a != b]
+    _, names = imagenet_classes("imagenet")
+    assert names == raw["classnames"] and len(set(names)) == 998  # "missile", "sunglasses" twice
+    wnids, unique = imagenet_classes("imagenet", "unique")
+    assert len(unique) == len(set(unique)) == 1000
+    changed = [wnid for wnid, a, b in zip(wnids, names, unique) if a != b]
     assert changed == sorted(DUPLICATE_RENAMES)
 
 
@@ -143,7 +146,10 @@ def test_undecodable_images_are_skipped_and_counted(image_tree):
     )
     datamodule = ImageFolderDataModule(image_tree, image_size=8, batch_size=2, stream="sorted")
     found = batches(datamodule)
-    assert all(set(b) == {"image", "label", "index", "domain", "skipped_images"} for b in found)
+    assert all(
+        set(b) == {"image", "original", "label", "index", "domain", "skipped_images", "skipped_paths"} for b in found
+    )
+    assert sorted(p.rsplit("/", 1)[-1] for b in found for p in b["skipped_paths"]) == ["broken.jpg", "truncated.png"]
     index = torch.cat([b["index"] for b in found]).tolist()
     assert len(index) == len(datamodule.dataset) - 2 and sum(b["skipped_images"] for b in found) == 2
     paths = [datamodule.dataset.samples[i][0].name for i in index]
@@ -191,6 +197,18 @@ def test_imagenet_c_domains_and_labels(tmp_path):
     assert domains == [d for d in datamodule.domains for _ in range(1000)]  # domains follow each other
     labels = torch.cat([b["label"] for b in found])
     assert labels.tolist() == list(range(1000)) * 4
+
+
+def test_imagenet_c_reads_the_four_extra_corruptions_of_the_official_download(tmp_path):
+    wnids, _ = imagenet_classes("imagenet")
+    for corruption in ("speckle_noise", "saturate"):
+        tree(tmp_path / "imagenet-c" / corruption / "5", wnids)
+    datamodule = ImageNetCDataModule(tmp_path / "imagenet-c", corruptions=["speckle_noise", "saturate"])
+    assert datamodule.domains == ["speckle_noise_5", "saturate_5"]
+    for corruption in EXTRA_CORRUPTIONS:  # speckle_noise, gaussian_blur, spatter, saturate: known names
+        with pytest.raises(FileNotFoundError, match="corruption folders"):
+            ImageNetCDataModule(tmp_path / "imagenet-c", corruptions=[corruption, "fog"])
+    assert len(CORRUPTIONS) == 15  # "all" stays the benchmark's 15
 
 
 def test_imagenet_c_pixels_are_the_files(tmp_path):
@@ -279,6 +297,15 @@ def test_cifar10_c_reads_the_right_severity_block_and_labels(tmp_path):
     assert sorted(first["label"].tolist()) == [4, 5, 6, 7]
     upsampled = CIFAR10CDataModule(root, corruptions="fog", severities=[1], image_size=64, batch_size=2)
     assert next(iter(upsampled.predict_dataloader()))["image"].shape == (2, 3, 64, 64)
+
+
+def test_cifar10_c_reads_its_read_only_memory_maps_without_a_warning(tmp_path):
+    root = cifar10_c_tree(tmp_path / "CIFAR-10-C", ["fog"])
+    datamodule = CIFAR10CDataModule(root, corruptions=["fog"], image_size=32)
+    assert not datamodule.dataset.arrays["fog"].flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns "The given NumPy array is not writable" on a read-only view
+        assert datamodule.dataset[0]["image"].shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ def test_run_writes_metrics(run_dir):
     assert metrics == returned
     assert set(metrics) >= METRIC_KEYS
     assert metrics["method"] == "none"
-    assert metrics["model"] == "tta-world-vit"
+    assert metrics["model"] == "tta-world-resnet"
     assert metrics["data"] == "world"
     assert metrics["seed"] == 0
     assert metrics["n"] == 40

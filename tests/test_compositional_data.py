@@ -94,14 +94,43 @@ def test_world_groups_bad_settings(kwargs, message):
 # --- readers ---------------------------------------------------------------------------------------
 
 
-def test_winoground_reader(tmp_path):
-    datamodule = WinogroundDataModule(winoground_tree(tmp_path), image_size=16, batch_size=2)
+@pytest.mark.parametrize("layout", ["parquet", "zip", "unzipped"])
+@pytest.mark.parametrize("in_data", [False, True])
+def test_winoground_reads_the_hub_copy_in_every_layout(tmp_path, layout, in_data):
+    # the hub copy today: data/test-00000-of-00001.parquet with the images embedded; before:
+    # data/examples.jsonl + data/images.zip; root is the copy or its data/ folder
+    root = winoground_tree(tmp_path / layout, layout=layout)
+    datamodule = WinogroundDataModule(root / "data" if in_data else root, image_size=16, batch_size=2)
     found = batches(datamodule)
     assert [len(b["index"]) for b in found] == [2, 1]
     assert found[0]["images"].shape == (2, 2, 3, 16, 16)
     assert found[0]["captions"][1] == ["a mug left of a cat 1", "a cat left of a mug 1"]
     assert found[0]["kind"] == ["Object", "Relation"] and datamodule.kinds == ["Object", "Relation"]
     assert datamodule.domains == ["winoground"]
+    # the pixels are the embedded images'
+    reference = WinogroundDataModule(winoground_tree(tmp_path / "ref", layout="unzipped"), image_size=16)
+    assert torch.equal(batches(reference)[0]["images"], torch.cat([b["images"] for b in found]))
+
+
+def test_whatsup_reads_the_repository_from_either_root(tmp_path):
+    files = ["controlled_images_dataset", "controlled_clevr_dataset"]
+    repo = whatsup_tree(tmp_path / "whatsup_vlms", files=files)
+    for root in (repo, repo / "data"):  # image paths are relative to the repository: data/controlled_images/...
+        (batch,) = batches(WhatsUpDataModule(root, files=files, image_size=16))
+        assert batch["images"].shape == (4, 1, 3, 16, 16) and batch["captions"][0][0] == "a mug on a table"
+        assert batch["domain"] == ["controlled_images_dataset"] * 2 + ["controlled_clevr_dataset"] * 2
+
+
+def test_whatsup_reads_the_coco_and_visual_genome_questions(tmp_path):
+    files = ["coco_qa_one_obj", "coco_qa_two_obj", "vg_qa_one_obj", "vg_qa_two_obj"]
+    repo = whatsup_tree(tmp_path / "whatsup_vlms", files=files)
+    datamodule = WhatsUpDataModule(repo, files=files, image_size=16)
+    assert datamodule.groups[0].images[0] == repo / "data" / "val2017" / "000000397133.jpg"
+    assert datamodule.groups[-1].images[0] == repo / "data" / "vg_images" / "397164.jpg"
+    (batch,) = batches(datamodule)
+    assert batch["images"].shape == (8, 1, 3, 16, 16)
+    assert batch["captions"][0] == ["a mug above a table 0", "a mug below a table 0"]
+    assert datamodule.domains == files
 
 
 def test_mmvp_vlm_reader_pairs_consecutive_rows(tmp_path):
@@ -144,10 +173,14 @@ def test_reader_errors_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="examples.jsonl"):
         WinogroundDataModule(tmp_path / "empty")
-    root = winoground_tree(tmp_path / "missing")
-    (root / "images" / "ex_1_img_0.png").unlink()
+    root = winoground_tree(tmp_path / "missing", layout="unzipped")
+    (root / "data" / "images" / "ex_1_img_0.png").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         WinogroundDataModule(root)
+    bare = winoground_tree(tmp_path / "bare", layout="zip")
+    (bare / "data" / "images.zip").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        WinogroundDataModule(bare)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "examples.jsonl").write_text(json.dumps({"id": 0, "image_0": "a"}) + "\n")
@@ -161,15 +194,17 @@ def test_reader_errors_name_the_problem(tmp_path):
     (sugar / "swap_att.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="SugarCrepe"):
         SugarCrepeDataModule(sugar, files=["swap_att"])
-    mixed = whatsup_tree(tmp_path / "wu", files=["a"], options=4)
-    whatsup_tree(mixed, files=["b"], options=2)
+    mixed = whatsup_tree(tmp_path / "wu", files=["controlled_images_dataset", "coco_qa_one_obj"])
     with pytest.raises(ValueError, match="mixes group shapes"):
-        WhatsUpDataModule(mixed, files=["a", "b"])
+        WhatsUpDataModule(mixed, files=["controlled_images_dataset", "coco_qa_one_obj"])
+    (mixed / "data" / "coco_qa_one_obj.json").write_text(json.dumps([{"image_path": "x.jpg"}]))
+    with pytest.raises(ValueError, match=r"\[image_id, correct_caption, wrong_caption\]"):
+        WhatsUpDataModule(mixed, files=["coco_qa_one_obj"])
 
 
 def test_a_group_that_fails_to_decode_is_skipped_and_counted(tmp_path):
-    root = winoground_tree(tmp_path)
-    (root / "images" / "ex_2_img_1.png").write_bytes(b"not an image")
+    root = winoground_tree(tmp_path, layout="unzipped")
+    (root / "data" / "images" / "ex_2_img_1.png").write_bytes(b"not an image")
     datamodule = WinogroundDataModule(root, image_size=16, batch_size=8)
     (batch,) = batches(datamodule)
     assert batch["index"].tolist() == [0, 1] and batch["skipped_images"] == 1

@@ -13,12 +13,13 @@ import pytorch_lightning as pl
 import torch
 from conftest import fake_data_overrides
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from tta.cli import with_model_preprocessing
 from tta.models import VisionLanguageModel
 
 CONFIGS = files("tta.configs")
-GROUPS = {"model", "data", "trainer", "tta", "experiment"}
+GROUPS = {"model", "data", "trainer", "tta", "experiment", "logger"}
 #: Hydra's own groups that the package adds options to (tested by test_launcher_config).
 HYDRA_GROUPS = {"hydra"}
 
@@ -56,12 +57,11 @@ def instantiate_model(cfg: DictConfig) -> pl.LightningModule:
     return module
 
 
-def instantiate_data(cfg: DictConfig, image_size: int = 64) -> pl.LightningDataModule:
-    data_cfg = cfg.data.copy()
-    if data_cfg.get("image_size", "absent") is None:  # what tta.cli.run fills in from the model
-        with open_dict(data_cfg):
-            data_cfg.image_size = image_size
-    datamodule = instantiate(data_cfg)
+def instantiate_data(
+    cfg: DictConfig, image_size: int = 64, resize_mode: str = "shortest", interpolation: str = "bicubic"
+) -> pl.LightningDataModule:
+    preprocessing = {"image_size": image_size, "resize_mode": resize_mode, "interpolation": interpolation}
+    datamodule = instantiate(with_model_preprocessing(cfg.data, preprocessing))  # as tta.cli.run does
     assert isinstance(datamodule, pl.LightningDataModule)
     # group datamodules (tta.datamodules.compositional) have kinds instead of classes
     assert list(datamodule.class_names) or list(datamodule.kinds)
@@ -98,8 +98,14 @@ def test_data_config(compose, option, image_tree, tmp_path):
     overrides = [f"data={option}"]
     if OmegaConf.is_missing(compose(overrides).data, "root"):
         overrides += fake_data_overrides(compose(overrides).data, tmp_path, image_tree)
-    datamodule = instantiate_data(compose(overrides), image_size=32)
+    datamodule = instantiate_data(compose(overrides), image_size=32, resize_mode="squash", interpolation="bilinear")
     assert datamodule.image_size == 32
+    # every datamodule that resizes images takes the model's resize mode and interpolation (issue 14)
+    data = compose(overrides).data
+    if "resize_mode" in data:
+        assert (datamodule.preprocess.resize_mode, datamodule.preprocess.interpolation) == ("squash", "bilinear")
+    elif "interpolation" in data:
+        assert datamodule.interpolation == "bilinear"
 
 
 @pytest.mark.parametrize("option", options("trainer"))
@@ -116,6 +122,28 @@ def test_tta_config(compose, option):
     cfg = compose([f"tta={option}"])
     callbacks = instantiate_callbacks(cfg)
     assert len(callbacks) == len(cfg.tta.callbacks)
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_config(compose, option, tmp_path, monkeypatch):
+    """Each logger option composes; it is built with its save_dir in a temporary folder (the run
+    directory in the CLI) where its package is installed, and its class is importable otherwise."""
+    import importlib.util
+
+    from hydra.utils import get_class
+
+    cfg = compose([f"logger={option}"])
+    if option == "none":
+        assert not cfg.get("logger")
+        return
+    logger = cfg.logger
+    cls = get_class(logger._target_)
+    package = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb", "TensorBoardLogger": "tensorboard"}.get(cls.__name__)
+    if package and importlib.util.find_spec(package) is None:
+        pytest.skip(f"logger={option} needs {package}; its class imports and the option composes")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what configs/logger/mlflow.yaml's hydra.job.env_set does
+    built = instantiate(logger, save_dir=str(tmp_path))
+    assert isinstance(built, cls)
 
 
 @pytest.mark.parametrize("option", options("experiment"))
@@ -157,7 +185,7 @@ def test_default_config_is_the_shipped_model_on_every_world_domain(compose):
     from tta.world import DOMAINS
 
     cfg = compose([])
-    assert cfg.model.vlm.name == "tta-world-vit"
+    assert cfg.model.vlm.name == "tta-world-resnet"
     datamodule = instantiate_data(cfg)
     assert datamodule.domains == list(DOMAINS)
     assert isinstance(cfg.seed, int)

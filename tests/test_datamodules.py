@@ -8,8 +8,9 @@ from conftest import FAKE_TREE
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from tta.datamodules import ImageFolderDataModule, WorldDataModule
+from tta.datamodules.preprocess import Preprocess
 from tta.metrics import classification_metrics, summarize
-from tta.world import CLASS_NAMES, ORIGINAL_SIZE, model_input, render_domain
+from tta.world import CLASS_NAMES, ORIGINAL_SIZE, render_domain
 
 
 def predict_batches(datamodule):
@@ -18,10 +19,13 @@ def predict_batches(datamodule):
 
 
 def assert_batch_contract(batch, image_size):
-    # file-based datamodules add how many of the batch failed to decode
-    assert set(batch) - {"skipped_images"} == {"image", "label", "index", "domain"}
-    assert batch.get("skipped_images", 0) == 0
+    # file-based datamodules add how many of the batch failed to decode, and which files
+    assert set(batch) - {"skipped_images", "skipped_paths"} == {"image", "original", "label", "index", "domain"}
+    assert batch.get("skipped_images", 0) == 0 and batch.get("skipped_paths", []) == []
     image = batch["image"]
+    # the images as decoded, for view-based methods: a list (sizes differ), uint8 RGB
+    assert isinstance(batch["original"], list) and len(batch["original"]) == len(image)
+    assert all(o.dtype == torch.uint8 and o.ndim == 3 and o.shape[0] == 3 for o in batch["original"])
     assert image.dtype == torch.float32
     assert image.shape[1:] == (3, image_size, image_size)
     assert image.min() >= 0 and image.max() <= 1
@@ -59,8 +63,45 @@ def test_world_data_are_the_rendered_scenes():
         part = slice(6 * k, 6 * (k + 1))
         assert torch.equal(batch["label"][part], scenes.labels)
         # originals stored as uint8, like real images, then resized + centre-cropped for the model
-        expected = model_input((scenes.images * 255).round().to(torch.uint8), 64)
+        originals = (scenes.images * 255).round().to(torch.uint8)
+        expected = torch.stack([Preprocess(64)(original) for original in originals])
         torch.testing.assert_close(batch["image"][part], expected, atol=0.5 / 255 + 1e-6, rtol=0)
+
+
+def test_world_original_is_the_render_and_image_is_made_from_it_as_a_real_image():
+    """render_size 64 (the model's input): original and image are the same 64 px render; the
+    default 128 renders the same scene finer, and image is its resize to the model's input."""
+    small = predict_batches(WorldDataModule(domains=["clean"], n_per_domain=4, batch_size=4, render_size=64))[0]
+    assert all(o.shape == (3, 64, 64) for o in small["original"])
+    assert all(torch.equal(o.float() / 255, i) for o, i in zip(small["original"], small["image"]))
+    large = predict_batches(WorldDataModule(domains=["clean"], n_per_domain=4, batch_size=4))[0]
+    assert torch.equal(large["index"], small["index"]) and torch.equal(large["label"], small["label"])
+    assert all(o.shape == (3, 128, 128) for o in large["original"]) and large["image"].shape == (4, 3, 64, 64)
+    assert (large["image"] - small["image"]).abs().mean() < 0.02  # the same scenes
+
+
+def test_preprocess_resize_modes():
+    from tta.datamodules.preprocess import Preprocess
+
+    wide = torch.zeros(3, 40, 80, dtype=torch.uint8)
+    wide[0, :, :20] = 255  # a red left quarter
+    shortest = Preprocess(20, "shortest")(wide)  # shorter side to 20, centre crop: the red is cut away
+    squash = Preprocess(20, "squash")(wide)  # both sides to 20: the red quarter stays (5 px)
+    longest = Preprocess(20, "longest")(wide)  # longer side to 20, padded: 10 rows of image, black bars
+    assert shortest.shape == squash.shape == longest.shape == (3, 20, 20)
+    assert shortest[0].max() < 0.1 and squash[0, :, :4].min() > 0.9
+    assert longest[:, :4].max() == 0 and longest[0, 10, :4].min() > 0.9
+    with pytest.raises(ValueError, match="data.resize_mode"):
+        Preprocess(20, "crop")
+    with pytest.raises(ValueError, match="data.interpolation"):
+        Preprocess(20, "shortest", "lanczos")
+
+
+def test_image_folder_originals_are_the_files_as_decoded(image_tree):
+    datamodule = ImageFolderDataModule(image_tree, image_size=24, batch_size=8, stream="sorted")
+    (batch,) = predict_batches(datamodule)
+    sizes = [tuple(o.shape) for o in batch["original"]]
+    assert sizes == [(3, 30, 40 + 8 * i) for folder in sorted(FAKE_TREE) for i in range(len(FAKE_TREE[folder]))]
 
 
 def test_world_all_domains():

@@ -180,7 +180,7 @@ def test_difftpt_adapt_selects_from_the_cosine_kept_set_and_predicts_on_the_orig
 
 @pytest.fixture(scope="module")
 def world_module():
-    return ZeroShotClassifier(create_vlm("tta-world-vit"))
+    return ZeroShotClassifier(create_vlm("tta-world-resnet"))
 
 
 def predict(module, callback, n=4):
@@ -224,3 +224,66 @@ def test_pregenerate_needs_a_datamodule(world_module, tmp_path):
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
     with pytest.raises(ValueError, match="datamodule"):
         trainer.predict(world_module, dataloaders=data.predict_dataloader())
+
+
+def test_diffusion_views_condition_on_the_whole_image_squashed_not_the_centre_crop(world_module, tmp_path):
+    """The reference conditions the image-variation model on the full image squashed to its CLIP
+    input (224 x 224 for the real weights, 32 here), bicubic, no crop: a wide image's red left
+    edge, which the model's centre crop cuts away, is in the conditioning image."""
+    from PIL import Image
+
+    from tta.datamodules import ImageFolderDataModule
+
+    wide = torch.zeros(40, 120, 3, dtype=torch.uint8)
+    wide[:, :, 2] = 255
+    wide[:, :20] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # the left sixth is red
+    for folder in ("a", "b"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.fromarray(wide.numpy()).save(tmp_path / "data" / folder / "x.png")
+    data = ImageFolderDataModule(tmp_path / "data", image_size=64, batch_size=2)
+    callback = DiffTPT(tiny_generator(), n_views=2, steps=1, seed=0)
+    conditions = []
+    real_views = callback.generator.views
+    callback.generator.views = lambda images, seeds: conditions.append(images) or real_views(images, seeds)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
+    module = ZeroShotClassifier(world_module.vlm)
+    module.class_names = None
+    trainer.predict(module, datamodule=data)
+    assert data.dataset[0]["image"][0].max() < 0.05  # the model's input: the blue centre crop
+    (condition,) = conditions
+    assert condition.shape == (2, 3, 32, 32)  # the tiny pipeline's CLIP input, the whole image squashed
+    assert condition[:, 0, :, :4].min() > 0.9 and condition[:, 2, :, :4].max() < 0.1  # the red edge is there
+
+
+def test_damaged_cache_files_are_regenerated_with_a_warning_naming_them(world_module, tmp_path, caplog):
+    """A damaged header, randomised pixels under an intact header, and another image's valid file
+    in place: each is found on read, named in one warning, and regenerated, so the predictions are
+    those of the intact cache."""
+    settings = dict(n_views=8, steps=2, seed=0)
+    logits, _ = predict(world_module, DiffTPT(tiny_generator(tmp_path, output_size=64), **settings))
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 4
+    header, pixels, swapped, other = files
+    data = bytearray(header.read_bytes())
+    data[:8] = b"\xff" * 8  # the header's length field
+    header.write_bytes(bytes(data))
+    data = bytearray(pixels.read_bytes())
+    size = 3 * 3 * 64 * 64  # the views: 3 x 3 x 64 x 64 uint8, after the header
+    data[-size:] = (
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
+    pixels.write_bytes(bytes(data))
+    swapped.write_bytes(other.read_bytes())
+
+    generator = tiny_generator(tmp_path, output_size=64)
+    with caplog.at_level("WARNING", logger="tta.augment.diffusion"):
+        again, _ = predict(world_module, DiffTPT(generator, **settings))
+    assert torch.equal(again, logits)
+    assert generator.n_generated == 3 * 3 and generator.n_cached == 1
+    warned = [r.getMessage() for r in caplog.records if "DiffTPT view cache file" in r.getMessage()]
+    assert len(warned) == 3
+    for path, reason in ((header, "unreadable"), (pixels, "checksum"), (swapped, "another image")):
+        assert any(str(path) in w and reason in w and "regenerating" in w for w in warned), (path, warned)
+    rewritten = tiny_generator(tmp_path, output_size=64)
+    predict(world_module, DiffTPT(rewritten, **settings))
+    assert rewritten.n_generated == 0 and rewritten.n_cached == 4  # the regenerated files verify

@@ -132,3 +132,18 @@ def test_metric_classes_accumulate_like_the_functions():
 def test_bad_shapes_are_named(shape):
     with pytest.raises(ValueError, match="k x k"):
         group_score(torch.zeros(shape))
+
+
+def test_scores_are_compared_in_their_own_precision():
+    # float64 scores 1e-9 apart are not a tie (a float32 cast makes them one), as the reference compares them
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(2000, 2, 2, generator=g, dtype=torch.float64)
+    scores = base.clone()
+    scores[:, 0, 1] = scores[:, 0, 0] + torch.randint(-1, 2, (2000,), generator=g) * 1e-9
+    scores[:, 1, 0] = scores[:, 1, 1] + torch.randint(-1, 2, (2000,), generator=g) * 1e-9
+    reference_text = [(b[0, 0] > b[0, 1]).item() and (b[1, 1] > b[1, 0]).item() for b in scores]
+    reference_image = [(b[0, 0] > b[1, 0]).item() and (b[1, 1] > b[0, 1]).item() for b in scores]
+    assert text_score(scores).tolist() == reference_text
+    assert image_score(scores).tolist() == reference_image
+    choice = torch.tensor([[1.0 + 1e-9, 1.0], [1.0, 1.0 + 1e-9]], dtype=torch.float64)
+    assert multiple_choice_correct(choice).tolist() == [True, False]

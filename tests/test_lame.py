@@ -92,35 +92,73 @@ def test_output_is_the_fixed_point(affinity):
     probs, features = random_batch()
     z = laplacian_adjust(probs, features, affinity=affinity, k=3, max_iter=1000, tol=0.0)
     w = AFFINITIES[affinity](features, 3)
-    assert torch.allclose(z, torch.softmax(probs.log() + w @ z, -1), atol=1e-5)
+    assert torch.allclose(z, torch.softmax((probs + 1e-10).log() + w @ z, -1), atol=1e-5)
     assert torch.allclose(z.sum(-1), torch.ones(len(z)), atol=1e-6)
+
+
+def reference_loop(probs: torch.Tensor, w: torch.Tensor, max_iter: int = 100, tol: float = 1e-8) -> tuple:
+    """LAME's fixed point as the authors' code runs it (METHODS.md): unary ``-log(p + 1e-10)``,
+    ``Y = softmax(-unary)``; each step the pairwise term of the current Y, the new Y, and the bound
+    with THAT pairwise term and ``Y log max(Y, 1e-20)``; stop from the 3rd step on a relative
+    change <= tol. Returns (Y, steps)."""
+    unary = -torch.log(probs + 1e-10)
+    y, old = (-unary).softmax(-1), float("inf")
+    for i in range(max_iter):
+        pairwise = w @ y
+        y = (-unary + pairwise).softmax(-1)
+        energy = float((unary * y - pairwise * y + y * torch.log(y.clip(1e-20))).sum())
+        if i > 1 and abs(energy - old) <= tol * abs(old):
+            return y, i + 1
+        old = energy
+    return y, max_iter
 
 
 @pytest.mark.parametrize("affinity", sorted(AFFINITIES))
 def test_stopping_rule_does_not_depend_on_how_often_the_host_checks(affinity):
     probs, features = (t.double() for t in random_batch(seed=0))  # float64: no rounding near the threshold
     w = AFFINITIES[affinity](features, 5)
-    runs = [fixed_point(probs.log(), w, max_iter=100, tol=1e-6, check_every=every) for every in (1, 7, 10, 100)]
+    log_probs = (probs + 1e-10).log()
+    runs = [fixed_point(log_probs, w, max_iter=100, tol=1e-6, check_every=every) for every in (1, 7, 10, 100)]
     for z, iterations in runs[1:]:
         assert torch.equal(z, runs[0][0]) and iterations == runs[0][1]
+    z, steps = reference_loop(probs, w, tol=1e-6)
+    assert int(runs[0][1]) == steps < 100
+    assert torch.allclose(runs[0][0], z, atol=1e-12)
 
-    # the same rule by a plain loop: stop after iteration t >= 3 when |E_t - E_{t-1}| <= tol |E_{t-1}|
-    def energy(z: torch.Tensor) -> float:
-        return float((z * (z.log() - probs.log())).sum() - (z * (w @ z)).sum())
 
-    z, energies = probs, []
-    for t in range(1, 101):
-        z = torch.softmax(probs.log() + w @ z, -1)
-        energies.append(energy(z))
-        if t >= 3 and abs(energies[-1] - energies[-2]) <= 1e-6 * abs(energies[-2]):
-            break
-    assert int(runs[0][1]) == t < 100
-    assert torch.allclose(runs[0][0], z, atol=1e-6)
+@pytest.mark.parametrize("affinity", sorted(AFFINITIES))
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-8])
+def test_the_stopping_rule_is_the_references(affinity, tol):
+    """The bound takes the previous iterate's pairwise term, as the reference computes it: with a
+    loose tolerance, the bound of the new iterate (W z_t) stops at another iteration."""
+    for seed in range(4):
+        probs, features = (t.double() for t in random_batch(n=20, c=6, seed=seed))
+        w = AFFINITIES[affinity](features, 5)
+        expected, steps = reference_loop(probs, w, tol=tol)
+        z, iterations = fixed_point((probs + 1e-10).log(), w, tol=tol)
+        assert int(iterations) == steps
+        assert torch.allclose(z, expected, atol=1e-12)
+
+
+def test_the_unary_term_is_log_of_p_plus_1e_10():
+    """A class below 1e-10 that 40 neighbours favour: the reference's log(p + 1e-10) (-23) lets the
+    neighbours' votes (about 40 with the linear affinity) win; the log of p clamped at the smallest
+    float (-69 for p = 1e-30) does not."""
+    g = torch.Generator().manual_seed(0)
+    neighbours = torch.tensor([[0.0, 1.0]]) + 0.01 * torch.randn(40, 2, generator=g)
+    features = torch.cat([torch.tensor([[0.1, 1.0]]), neighbours])
+    probs = torch.cat([torch.tensor([[1.0, 1e-30]]), torch.tensor([[1e-12, 1.0]]).expand(40, -1)]).double()
+    features = features.double()
+    adjusted = laplacian_adjust(probs, features, affinity="linear")
+    expected, _ = reference_loop(probs / probs.sum(-1, keepdim=True), linear_affinity(features))
+    assert torch.allclose(adjusted, expected, atol=1e-9)
+    clamped, _ = fixed_point(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), linear_affinity(features))
+    assert adjusted[0].argmax() == 1 and clamped[0].argmax() == 0  # the two unary terms answer differently
 
 
 def test_max_iter_bounds_the_iterations():
     probs, features = random_batch()
-    _, iterations = fixed_point(probs.log(), linear_affinity(features), max_iter=4, tol=0.0)
+    _, iterations = fixed_point((probs + 1e-10).log(), linear_affinity(features), max_iter=4, tol=0.0)
     assert int(iterations) == 4
 
 
@@ -175,7 +213,7 @@ def test_bad_arguments_are_refused_with_the_fix(kwargs):
 
 @pytest.fixture(scope="module")
 def world_module() -> ZeroShotClassifier:
-    return ZeroShotClassifier(create_vlm("tta-world-vit"))
+    return ZeroShotClassifier(create_vlm("tta-world-resnet"))
 
 
 def predict(module: pl.LightningModule, callbacks: list[pl.Callback], tmp_path=None, **data_kwargs) -> list[dict]:

@@ -137,3 +137,35 @@ def test_untruncated_prompt_learner_gives_the_same_features_on_full_sequences(sh
     cut, full = PromptLearner(shipped_vlm, names), PromptLearner(shipped_vlm, names, truncate=False)
     assert full.seq_len == 32 > cut.seq_len
     assert torch.allclose(cut.text_features(cut.initial_context), full.text_features(full.initial_context), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_shared_prefix_gives_the_features_and_gradients_of_whole_prompts(name):
+    vlm = make_tiny_vlm(name)
+    shared, whole = PromptLearner(vlm, CLASS_NAMES), PromptLearner(vlm, CLASS_NAMES, share_prefix=False)
+    # causal towers share the start token and context; SigLIP's bidirectional tower cannot
+    assert shared.shares_prefix == (name != "tta-tiny-sigmoid") and not whole.shares_prefix
+    contexts = shared.initial_context + 0.1 * torch.randn(3, *shared.initial_context.shape)
+    weights = None
+    grads = []
+    for learner in (shared, whole):
+        context = contexts.clone().requires_grad_(True)
+        features = learner.text_features(context, checkpoint=learner is shared)
+        weights = torch.randn_like(features) if weights is None else weights  # any loss of the features
+        (features * weights).sum().backward()
+        grads.append((features.detach(), context.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_the_shared_prefix_runs_once_per_context_not_once_per_class():
+    vlm = make_tiny_vlm("tta-tiny-clip")
+    tokens_seen = []
+    first_block = vlm.text_tower._source.transformer.resblocks[0]
+    first_block.ln_1.register_forward_hook(lambda module, args, out: tokens_seen.append(args[0].shape[:-1].numel()))
+    learner = PromptLearner(vlm, CLASS_NAMES)
+    n_contexts, n_classes = 3, len(CLASS_NAMES)
+    n_shared = learner.ctx_start + learner.n_ctx  # start token + context
+    with torch.no_grad():
+        learner.text_features(learner.initial_context.expand(n_contexts, -1, -1))
+    assert sum(tokens_seen) == n_contexts * n_shared + n_contexts * n_classes * (learner.seq_len - n_shared)

@@ -45,7 +45,8 @@ def predictions_equal_metrics(a, b) -> None:
         for key in TIMING_KEYS:
             m.pop(key)
         for domain in m["domains"].values():
-            domain.pop("ms_per_sample")
+            for key in TIMING_KEYS:
+                domain.pop(key, None)
     assert ma == mb
 
 
@@ -206,10 +207,8 @@ def test_progress_bar_shows_the_running_accuracy(shipped_vlm, small_world, tmp_p
     trainer = pl.Trainer(logger=False, enable_model_summary=False, callbacks=[writer, bar])
     trainer.predict(ZeroShotClassifier(shipped_vlm), datamodule=small_world, return_predictions=False)
     description = bar.progress.tasks[-1].description
-    # the bar shows the rows written so far: all but the last batch, whose rows go out after it
-    rows = (tmp_path / "predictions.csv").read_text().splitlines()[1 : -(24 % 8 or 8)]
-    accuracy = sum(r.split(",")[2] == r.split(",")[3] for r in rows) / len(rows)
-    assert description.endswith(f"acc {100 * accuracy:.1f}%")
+    # the last batch's rows go out at the epoch's end: the bar ends on every row, as the table does
+    assert description.endswith(f"acc {100 * writer.metrics['accuracy']:.1f}%"), description
     assert writer.progress["acc"] == pytest.approx(writer.metrics["accuracy"])
 
 

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -18,17 +19,23 @@ from tta.callbacks import PredictionWriter, SearchTTA
 from tta.datamodules import EpisodeFolderDataModule, WorldSearchDataModule
 from tta.datamodules.search import collate_episodes
 from tta.methods.search import (
+    REFERENCE_SCALE,
     SearchTTASession,
+    blur_map,
     cell_crops,
+    choose_regions,
+    elbow,
     greedy_step,
     kmeans_regions,
     lawnmower_order,
+    map_calibration,
     negative_weights,
     planner_map,
     poisson_loss,
     ramp_lr,
     run_search,
     search_with_tta,
+    zero_shot_scores,
 )
 from tta.tasks import SearchEpisodeRunner
 from tta.world.search import SearchWorld, render_search_episode
@@ -75,7 +82,55 @@ def test_negative_weights_grow_with_the_visited_share_of_each_region():
 def test_lr_ramps_linearly_with_the_step_count():
     assert ramp_lr(0, 64) == pytest.approx(1e-6)
     assert ramp_lr(32, 64) == pytest.approx(5.5e-6)
-    assert ramp_lr(64, 64) == ramp_lr(100, 64) == pytest.approx(1e-5)
+    assert ramp_lr(64, 64) == pytest.approx(1e-5)
+    assert ramp_lr(128, 64) == pytest.approx(1.9e-5)  # the reference's formula has no cap
+
+
+def test_the_session_ramps_the_lr_over_the_grid_cells_not_the_budget(vlm, episode):
+    # the reference: MIN_LR + (MAX_LR - MIN_LR) * step / number of grid cells (6 x 6 = 36 here)
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, lr_start=1e-4, lr_end=1e-3, update_every=100)
+    for cell in range(10):
+        session.observe([cell], [0])
+    assert session.learning_rate() == pytest.approx(1e-4 + 9e-4 * 9 / 36)  # step 9: the tenth observed step
+
+
+def test_every_step_of_the_history_is_a_loss_term_revisits_included(vlm, episode, monkeypatch):
+    import tta.methods.search as search
+
+    terms = []
+
+    def recording_loss(rates, counts, weights, positive_weight=4.0, eps=1e-6):
+        terms.append(counts.tolist())
+        return poisson_loss(rates, counts, weights, positive_weight, eps)
+
+    monkeypatch.setattr(search, "poisson_loss", recording_loss)
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, update_every=3)
+    for cell, count in [(0, 2), (1, 0), (0, 2), (1, 0)]:  # a find, then revisits of both cells
+        session.observe([cell], [count])
+    # the find updates at once (one term); three steps later, four terms: a revisit finds nothing new
+    assert terms == [[2.0], [2.0, 0.0, 0.0, 0.0]]
+
+
+def clusters(n: int, per: int = 20, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n, 8, generator=g) * 5
+    return torch.cat([c + 0.05 * torch.randn(per, 8, generator=g) for c in centres])
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, 1), (2, 2), (3, 3), (7, 4)])
+def test_regions_choose_k_in_1_to_4_per_episode(n, expected):
+    # one blob stays one region; separated clusters get their k, capped at 4 as the reference caps it
+    labels = choose_regions(clusters(n))
+    assert len(set(labels.tolist())) == expected
+    assert torch.equal(labels, choose_regions(clusters(n)))
+
+
+def test_elbow_is_the_kneedle_rule():
+    assert (
+        elbow([2, 3, 4, 5, 6, 7, 8], [10.0, 4.0, 2.0, 1.6, 1.4, 1.3, 1.25]) == 4
+    )  # by hand: the difference curve peaks at k = 4
+    assert elbow([2, 3, 4], [3.0, 2.0, 1.0]) is None  # a straight line has no elbow
+    assert elbow([2, 3], [1.0, 1.0]) is None
 
 
 def test_kmeans_regions_separate_clusters_and_are_seeded():
@@ -96,6 +151,24 @@ def test_planner_map_is_normalised_and_cells_are_row_major():
     values = planner_map(torch.tensor([0.2, 0.4, 0.6, 1.0]), (2, 2), blur=False)
     assert torch.allclose(values, torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert planner_map(torch.full((9,), 0.3), (3, 3)).eq(0).all()
+
+
+def opencv_gaussian_blur(values: np.ndarray) -> np.ndarray:
+    """``cv2.GaussianBlur(values, (5, 5), 0)`` written out: sigma 0.3 * ((5 - 1) / 2 - 1) + 0.8 = 1.1,
+    OpenCV's default border (reflect without repeating the edge: numpy's "reflect")."""
+    sigma = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
+    kernel = np.exp(-((np.arange(5) - 2.0) ** 2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    padded = np.pad(values, 2, mode="reflect")
+    rows = np.stack([np.convolve(r, kernel, mode="valid") for r in padded])
+    return np.stack([np.convolve(c, kernel, mode="valid") for c in rows.T]).T
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 7), (24, 24)])
+def test_blur_is_the_references_opencv_blur(shape):
+    values = torch.rand(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = opencv_gaussian_blur(values.numpy())
+    assert np.allclose(blur_map(values).numpy(), expected, atol=1e-12)
 
 
 # --- planners ----------------------------------------------------------------------------------
@@ -181,9 +254,7 @@ def test_targets_are_denser_in_the_dense_region_type():
 
 def test_observe_drives_an_episode_without_lightning(vlm, episode):
     before = state_hash(vlm)
-    session = SearchTTASession(
-        vlm, episode.image, (6, 6), episode.query, total_steps=12, lr_start=1e-3, lr_end=1e-2, update_every=5
-    )
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, lr_start=1e-3, lr_end=1e-2, update_every=5)
     initial = session.map.clone()
     assert initial.shape == (6, 6) and initial.min() == 0 and initial.max() == 1
     # a robot loop: observe a cell, get the map, pick the next cell
@@ -194,7 +265,7 @@ def test_observe_drives_an_episode_without_lightning(vlm, episode):
         visited[position] = True
         values = session.observe([position[0] * 6 + position[1]], [count])
         position = greedy_step(position, values, visited)
-    assert session.steps == 12 and len(session.history) == int(visited.sum())
+    assert session.steps == 12 and len(session.history) == 12  # one entry per step, revisits included
     assert len(session.update_ms) >= 2  # every 5 steps at least
     assert not torch.allclose(session.map, initial)
     assert state_hash(vlm) == before
@@ -202,7 +273,7 @@ def test_observe_drives_an_episode_without_lightning(vlm, episode):
 
 
 def test_a_new_find_triggers_an_update_and_an_empty_cell_does_not(vlm, episode):
-    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, total_steps=10, update_every=20)
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, update_every=20)
     empty = int((episode.counts.flatten() == 0).nonzero()[0])
     full = int((episode.counts.flatten() > 0).nonzero()[0])
     session.observe([empty], [0])
@@ -214,9 +285,7 @@ def test_a_new_find_triggers_an_update_and_an_empty_cell_does_not(vlm, episode):
 
 
 def test_every_update_starts_from_the_original_weights(vlm, episode, monkeypatch):
-    session = SearchTTASession(
-        vlm, episode.image, (6, 6), episode.query, total_steps=10, lr_start=1e-2, lr_end=1e-2, update_every=1
-    )
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, lr_start=1e-2, lr_end=1e-2, update_every=1)
     checked = []
     real_step = torch.optim.Adam.step
 
@@ -234,23 +303,72 @@ def test_every_update_starts_from_the_original_weights(vlm, episode, monkeypatch
 
 
 def test_the_session_takes_an_image_query_and_rejects_bad_observations(vlm, episode):
-    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query_image, total_steps=10)
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query_image)
     with pytest.raises(ValueError, match="one count per cell"):
         session.observe([0, 1], [0])
     with pytest.raises(ValueError, match="flat indices"):
         session.observe([36], [0])
     with pytest.raises(ValueError, match="query text is empty"):
-        SearchTTASession(vlm, episode.image, (6, 6), " ", total_steps=10)
+        SearchTTASession(vlm, episode.image, (6, 6), " ")
 
 
 def test_same_seed_same_search(vlm, episode):
     def search():
-        session = SearchTTASession(
-            vlm, episode.image, (6, 6), episode.query, total_steps=10, lr_start=1e-3, lr_end=1e-2, seed=7
-        )
+        session = SearchTTASession(vlm, episode.image, (6, 6), episode.query, lr_start=1e-3, lr_end=1e-2, seed=7)
         return search_with_tta(session, episode.counts, 10).path
 
     assert search() == search()
+
+
+# --- the score map: the reference's scale, ViT patch tokens ------------------------------------
+
+
+def test_the_map_of_a_clip_style_model_is_sigmoid_of_cos_over_0_07_without_bias(vlm, episode):
+    cos = torch.tensor([0.2, 0.3])
+    assert map_calibration(vlm, cos) == (pytest.approx(1 / 0.07), 0.0)
+    scores = zero_shot_scores(vlm, episode.image, (6, 6), episode.query, cells="crops")
+    session = SearchTTASession(vlm, episode.image, (6, 6), episode.query)
+    assert (session.scale, session.bias) == (REFERENCE_SCALE, 0.0)
+    with torch.no_grad():  # the regions: k chosen per episode in 1-4, not fixed at 4
+        features = session.encoder(session.tower)
+    assert torch.equal(session.regions, choose_regions(features, seed=0))
+    assert len(session.regions.unique()) < 4  # this episode's cells split into fewer regions
+    assert torch.allclose(session.initial_scores, scores, atol=1e-6)
+    # a model with a logit bias (SigLIP-style) keeps its own sigmoid; "centred" is an option
+    siglip = make_tiny_vlm("tta-tiny-sigmoid")
+    assert map_calibration(siglip, cos) == (pytest.approx(float(siglip.logit_scale)), float(siglip.logit_bias))
+    assert map_calibration(vlm, cos, bias="centred")[1] == pytest.approx(-REFERENCE_SCALE * 0.25)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return make_tiny_vlm("tta-tiny-sigmoid")  # an open_clip ViT: 64 px input, 16 px patches -> 4 x 4 tokens
+
+
+def count_images(tower: torch.nn.Module) -> list[int]:
+    seen = []
+    tower.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_a_vit_scores_one_patch_token_per_cell_in_one_pass(vit):
+    image = render_search_episode(3, world=SearchWorld(rows=4, cols=4, cell_px=32, n_sites=4)).image
+    vlm = make_tiny_vlm("tta-tiny-sigmoid")
+    seen = count_images(vlm.model.visual)
+    scores = zero_shot_scores(vlm, image, (4, 4), "a red triangle.")
+    assert scores.shape == (16,) and seen == [1]  # one image through the ViT, not 16 crops
+    session = SearchTTASession(vlm, image, (4, 4), "a red triangle.", update_every=1)
+    assert session.encoder.mode == "tokens" and session.map.shape == (4, 4)
+    assert torch.allclose(session.initial_scores, scores, atol=1e-6)
+    seen_copy = count_images(session.tower)
+    session.observe([5], [1])
+    assert seen_copy == [1, 1]  # the update: one pass for the loss, one for the new map
+    crops = zero_shot_scores(vlm, image, (4, 4), "a red triangle.", cells="crops")
+    assert crops.shape == (16,) and not torch.allclose(crops, scores)
+    with pytest.raises(ValueError, match="patch-token grid"):
+        zero_shot_scores(vlm, image, (8, 8), "a red triangle.")
+    with pytest.raises(ValueError, match="needs an open_clip ViT"):
+        zero_shot_scores(make_tiny_vlm("tta-tiny-clip"), image, (4, 4), "a red triangle.", cells="tokens")
 
 
 # --- datamodules --------------------------------------------------------------------------------

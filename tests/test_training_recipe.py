@@ -158,7 +158,7 @@ def test_bad_recipe_settings_name_the_choices():
     [
         ("tta-world-vit", VisionTransformer, False),
         ("tta-world-resnet", ModifiedResNet, False),
-        ("tta-world-vit-siglip", VisionTransformer, True),
+        ("tta-world-resnet-siglip", VisionTransformer, True),
     ],
 )
 def test_shipped_models_are_the_towers_their_names_say_and_small(name, visual, sigmoid):

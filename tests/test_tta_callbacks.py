@@ -44,7 +44,7 @@ def predict(module, callbacks, batch_size=4, n=6, domains=("blur",), inference_m
 
 @pytest.fixture(scope="module")
 def world_module():
-    return ZeroShotClassifier(create_vlm("tta-world-vit"))
+    return ZeroShotClassifier(create_vlm("tta-world-resnet"))
 
 
 @pytest.mark.parametrize("callback_cls", [TPT, STS, ViewAverage])
@@ -116,7 +116,7 @@ def test_inference_mode_gives_the_same_result_as_without(world_module):
     assert torch.allclose(on["logits"], off["logits"], atol=1e-6)
 
 
-def test_bf16_autocast_reaches_the_callback_and_keeps_learnables_fp32(world_module):
+def test_bf16_autocast_reaches_the_callback_keeps_view_features_bf16_and_learnables_fp32(world_module):
     seen = {}
 
     class Probe(TPT):
@@ -124,11 +124,13 @@ def test_bf16_autocast_reaches_the_callback_and_keeps_learnables_fp32(world_modu
             with self.autocast(view_features.device):
                 seen["autocast"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
             seen["context"] = self.prompt.initial_context.dtype
+            seen["view_features"] = view_features.dtype
             return super().adapt(pl_module, view_features)
 
     out, _ = predict(world_module, [Probe(n_views=8, seed=0)], precision="bf16-mixed", n=2, batch_size=2)
     assert torch.isfinite(out["logits"]).all()
-    assert seen == {"autocast": torch.bfloat16, "context": torch.float32}
+    # the views' features stay in the autocast dtype; the learnable context is fp32
+    assert seen == {"autocast": torch.bfloat16, "context": torch.float32, "view_features": torch.bfloat16}
 
 
 @pytest.mark.parametrize("name", ["tta-tiny-clip", "tta-tiny-customtext", "tta-tiny-sigmoid"])
@@ -208,3 +210,45 @@ def test_a_batch_whose_images_all_failed_to_decode_passes_through(world_module, 
     assert [len(b["index"]) for b in batches] == [2, 0]
     assert writer.metrics["n"] == 2 and writer.metrics["skipped_images"] == 2
     assert len((tmp_path / "run" / "predictions.csv").read_text().splitlines()) == 3
+
+
+def test_one_grad_scaler_for_the_whole_run_under_fp16(monkeypatch):
+    """The reference keeps ONE GradScaler(init_scale=1000) for its run, so the scale it reaches and
+    the steps it skips carry over from image to image; a fresh scaler per batch would not."""
+    from types import SimpleNamespace
+
+    import tta.callbacks.tpt as tpt_callback
+
+    seen = []
+    real = tpt_callback.tpt_adapt
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["scaler"])
+        # fp16 kernels are not the point here: the step runs in fp32 on fp32 view features
+        prompt, view_features, *rest = args
+        return real(prompt, view_features.float(), *rest, **{**kwargs, "scaler": None, "autocast": None})
+
+    monkeypatch.setattr(tpt_callback, "tpt_adapt", spy)
+    from tta.world import CLASS_NAMES
+
+    world_module = ZeroShotClassifier(create_vlm("tta-world-clip"), class_names=list(CLASS_NAMES))
+    callback = TPT(n_views=4, seed=0, images_per_step=1)
+    callback.on_predict_start(SimpleNamespace(precision="16-mixed"), world_module)
+    assert isinstance(callback.grad_scaler, torch.amp.GradScaler) and callback.grad_scaler.get_scale() == 1000
+    data = WorldDataModule(domains=["blur"], n_per_domain=4, batch_size=2, seed=321)
+    data.setup("predict")
+    for batch in data.predict_dataloader():
+        callback.process_batch(world_module, {}, batch)
+    assert len(seen) == 4 and all(scaler is callback.grad_scaler for scaler in seen)
+    callback.on_predict_start(SimpleNamespace(precision="bf16-mixed"), world_module)
+    assert callback.grad_scaler is None  # bf16 needs no loss scaling
+
+
+def test_views_need_the_images_as_loaded(world_module):
+    callback = TPT(n_views=4, seed=0)
+    data = WorldDataModule(domains=["blur"], n_per_domain=2, batch_size=2)
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    del batch["original"]
+    with pytest.raises(KeyError, match="'original'"):
+        callback.process_batch(world_module, {}, batch)

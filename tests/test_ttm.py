@@ -50,8 +50,52 @@ def test_2x2_selection_by_threshold():
     keep, permutation = select_group_labels(two_by_two([3.0, -3.0, 1.0, -1.0, 2.0, -2.0, 0.0]), tau=2.0)
     assert keep.tolist() == [True, True, False, False, True, True, False]
     assert permutation[0].tolist() == [0, 1] and permutation[1].tolist() == [1, 0]  # identity, swapped
-    keep, _ = select_group_labels(two_by_two([3.0, -3.0, 1.0, -1.0, 2.0, -2.0, 0.0]), tau=0.0)
-    assert keep.tolist() == [True] * 6 + [False]  # a tie is never a pseudo-label
+    keep, permutation = select_group_labels(two_by_two([3.0, -3.0, 1.0, -1.0, 2.0, -2.0, 0.0]), tau=0.0)
+    assert keep.tolist() == [True] * 7  # at threshold 0 an exact tie is kept, as the identity (the reference's >=)
+    assert permutation[-1].tolist() == [0, 1]
+
+
+def reference_group_selection(scores: torch.Tensor, tau: float) -> list[tuple[bool, list[int]]]:
+    """The reference's 2 x 2 rule, group by group: the margin in the scores' own precision, identity
+    if ``margin >= tau``, elif swapped if ``margin <= -tau``."""
+    out = []
+    for block in scores:
+        margin = (block[0, 0] + block[1, 1] - block[0, 1] - block[1, 0]).item()
+        out.append((True, [0, 1]) if margin >= tau else (True, [1, 0]) if margin <= -tau else (False, [0, 1]))
+    return out
+
+
+def reference_choice_selection(scores: torch.Tensor, tau: float) -> list[tuple[bool, int]]:
+    out = []
+    for row in scores:
+        top2 = torch.topk(row, 2)
+        out.append(((top2.values[0] - top2.values[1]).item() >= tau, int(top2.indices[0])))
+    return out
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_selection_on_tied_scores_is_the_references(tau):
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 3, (2000, 2, 2), generator=g).float()  # small integers: many exact ties
+    keep, permutation = select_group_labels(groups, tau)
+    ours = [(bool(k), p.tolist() if k else [0, 1]) for k, p in zip(keep, permutation)]
+    assert ours == reference_group_selection(groups, tau)
+    choices = torch.randint(0, 3, (2000, 4), generator=g).float()
+    keep, choice = select_choice_labels(choices, tau)
+    reference = reference_choice_selection(choices, tau)
+    assert keep.tolist() == [k for k, _ in reference]
+    assert [int(c) for c, k in zip(choice, keep) if k] == [c for k, c in reference if k]
+
+
+def test_selection_compares_in_the_precision_the_scores_arrive_in():
+    # float64 leads 1e-9 above the threshold: a cast to float32 would round them onto it or below
+    tau = 1.0 + 5e-10
+    choices = torch.tensor([[1.0 + 1e-9, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    keep, _ = select_choice_labels(choices, tau)
+    assert keep.tolist() == [True, False]
+    # float32 2 x 2 scores: the reference's margin is float32 arithmetic (1e8 + 1 rounds to 1e8)
+    groups = torch.tensor([[[1e8, 1e8], [0.0, 1.0]]], dtype=torch.float32)
+    assert select_group_labels(groups, 0.5)[0].tolist() == [r[0] for r in reference_group_selection(groups, 0.5)]
 
 
 def test_kxk_selection_uses_the_lead_over_the_second_best_matching():
@@ -71,7 +115,7 @@ def test_choice_selection():
     keep, choice = select_choice_labels(scores, tau=1.0)
     assert keep.tolist() == [True, False, False] and choice[:2].tolist() == [0, 1]
     keep, _ = select_choice_labels(scores, tau=0.0)
-    assert keep.tolist() == [True, True, False]
+    assert keep.tolist() == [True, True, True]  # the tie of the last item is kept at threshold 0
 
 
 def test_hungarian_keeps_the_most_confident_fraction():
@@ -169,6 +213,36 @@ def test_multiple_choice_and_ungrouped_paths(groups):
     assert rounds[0].selected == 0 and rounds[1].selected == 12  # keep 1 - tau/tau_max: 0 then all
 
 
+def test_logit_scale_is_not_clamped(groups):
+    # SigLIP so-400m learns a scale of about 112: clamping it to 100 after each step shrinks the margins
+    vlm = make_tiny_vlm("tta-tiny-sigmoid")
+    with torch.no_grad():
+        vlm.model.logit_scale.fill_(math.log(112.0))
+    matching = TestTimeMatching(vlm, TTMSchedule(rounds=1, tau_max=0.0, epochs=1, groups_per_batch=3, lr=1e-6))
+    matching.fit_groups(groups.images, groups.captions)
+    assert matching.rounds[0].steps > 0
+    assert float(matching.vlm.logit_scale) == pytest.approx(112.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("unchosen_negatives", [False, True])
+def test_multiple_choice_trains_on_the_chosen_pairs_unless_asked(groups, monkeypatch, unchosen_negatives):
+    import tta.methods.ttm as ttm
+
+    columns_without_image = []
+
+    def recording_loss(logits, positives, kind):
+        columns_without_image.append(int((~positives.any(0)).sum()))
+        return contrastive_loss(logits, positives, kind)
+
+    monkeypatch.setattr(ttm, "contrastive_loss", recording_loss)
+    matching = TestTimeMatching(make_tiny_vlm("tta-tiny-clip"), SMALL, unchosen_negatives=unchosen_negatives)
+    options = [[a, b, "a green star above a red circle."] for a, b in groups.captions]
+    matching.fit_groups(groups.images[:, :1], options)
+    assert columns_without_image
+    # the reference: (image, pseudo-caption) pairs only; the option adds the unchosen captions as columns
+    assert all(n > 0 for n in columns_without_image) if unchosen_negatives else set(columns_without_image) == {0}
+
+
 def test_bad_groups_are_named(groups):
     matching = TestTimeMatching(make_tiny_vlm("tta-tiny-clip"), SMALL)
     with pytest.raises(ValueError, match="N x k x 3 x H x W"):
@@ -229,6 +303,8 @@ def test_callback_with_the_prediction_writer(tmp_path):
     assert len(rows) == 12 and rows[0]["shape"] == "2x2" and rows[0]["group_score_zs"] in ("0", "1")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "ttm" and metrics["n"] == 12 and metrics["adapt_ms_per_sample"] > 0
+    # the fit runs before the first batch: each group's ms includes its share of it
+    assert all(float(t["ms"]) >= float(t["adapt_ms"]) > 0 for t in read_rows(tmp_path / "timing.csv"))
     assert {"text_score", "image_score", "group_score", "group_match", "group_score_zs"} <= set(metrics)
     assert set(metrics["domains"]) == {"clean", "noise@1"} and "group_match_zs" in metrics["domains"]["clean"]
     assert metrics["group_score"] == pytest.approx(sum(int(r["group_score"]) for r in rows) / 12)

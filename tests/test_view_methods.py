@@ -51,14 +51,14 @@ def test_marginal_entropy_is_stable_for_extreme_logits():
 
 def _tiny_world_views(vlm, n_images=3, n_views=16):
     images = render_single(n_images, seed=5).images
-    views = make_views(images, n_views, seeds=list(range(n_images)))
+    views = make_views(list(images), images, n_views, seeds=list(range(n_images)))
     with torch.no_grad():
         return vlm.encode_image(views.flatten(0, 1)).view(n_images, n_views, -1)
 
 
 @pytest.fixture(scope="module")
 def world_vlm():
-    return create_vlm("tta-world-vit")
+    return create_vlm("tta-world-resnet")
 
 
 def test_tpt_first_adamw_step_moves_each_context_element_by_lr_times_sign(world_vlm):
@@ -129,7 +129,7 @@ def test_sts_step_is_sign_like_and_needs_no_encoder():
     basis = spectral_basis(class_features)
     views = F.normalize(torch.randn(2, 32, 16), dim=-1)
     logit_fn = lambda image, text: 50 * image @ text.transpose(-1, -2)  # noqa: E731
-    out = sts_adapt(views, class_features, basis, logit_fn, lr=5e-3)
+    out = sts_adapt(views, class_features, basis, logit_fn, lr=5e-3, final="original")
     assert out.variables.shape == (2, basis.shape[0])
     assert torch.allclose(out.variables.abs(), torch.full_like(out.variables, 5e-3), rtol=0.05)
     prototypes = steered_prototypes(class_features, basis, out.variables)
@@ -166,31 +166,99 @@ def test_confident_view_average_averages_the_kept_probabilities():
 
 @pytest.mark.parametrize("kind", ["crop_flip", "augmix"])
 def test_views_are_seeded_per_sample_and_keep_the_original_first(kind):
-    images = render_single(3, seed=2).images
-    views = make_views(images, 12, seeds=[10, 11, 12], kind=kind)
+    originals = [(render_single(1, seed=s, size=96).images[0] * 255).round().to(torch.uint8) for s in (2, 3, 4)]
+    images = torch.rand(3, 3, 64, 64)
+    views = make_views(originals, images, 12, seeds=[10, 11, 12], kind=kind)
     assert views.shape == (3, 12, 3, 64, 64)
     assert torch.equal(views[:, 0], images)
     assert views.min() >= 0 and views.max() <= 1
-    again = make_views(images[[2, 0]], 12, seeds=[12, 10], kind=kind)  # other batch, other order
+    again = make_views([originals[2], originals[0]], images[[2, 0]], 12, seeds=[12, 10], kind=kind)  # other batch
     assert torch.equal(again[0], views[2]) and torch.equal(again[1], views[0])
-    other = make_views(images, 12, seeds=[13, 11, 12], kind=kind)
+    other = make_views(originals, images, 12, seeds=[13, 11, 12], kind=kind)
     assert not torch.equal(other[0], views[0]) and torch.equal(other[1], views[1])
     assert not torch.equal(views[0, 1], views[0, 2])
 
 
 def test_augmix_differs_from_plain_crops_with_the_same_seed():
     images = render_single(2, seed=4).images
-    crops = make_views(images, 8, seeds=[1, 2], kind="crop_flip")
-    mixed = make_views(images, 8, seeds=[1, 2], kind="augmix")
+    crops = make_views(list(images), images, 8, seeds=[1, 2], kind="crop_flip")
+    mixed = make_views(list(images), images, 8, seeds=[1, 2], kind="augmix")
     assert not torch.allclose(crops[:, 1:], mixed[:, 1:])
 
 
 def test_view_arguments_are_checked():
     images = torch.rand(2, 3, 8, 8)
-    with pytest.raises(ValueError, match="one seed per image"):
-        make_views(images, 4, seeds=[1])
+    with pytest.raises(ValueError, match="one of each per image"):
+        make_views(list(images), images, 4, seeds=[1])
     with pytest.raises(ValueError, match="view kind"):
-        make_views(images, 4, seeds=[1, 2], kind="cutout")
+        make_views(list(images), images, 4, seeds=[1, 2], kind="cutout")
+    with pytest.raises(ValueError, match="3 x H x W"):
+        make_views([torch.zeros(8, 8), torch.zeros(8, 8)], images, 4, seeds=[1, 2])
+
+
+def ringed_image(height: int = 300, width: int = 400, ring: int = 60) -> torch.Tensor:
+    """uint8 RGB: a red outer ring ``ring`` px wide around a blue centre."""
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    image[0] = 255
+    image[:, ring:-ring, ring:-ring] = torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    return image
+
+
+def test_views_are_cropped_from_the_image_as_loaded_and_reach_its_outer_ring():
+    """The model's input is the centre crop (no red left after the shorter side is resized and the
+    centre cropped... here the ring is cut away first); views cropped from the full image reach
+    the red ring, as the reference's RandomResizedCrop on the loaded image does."""
+    original = ringed_image()
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, 2] = 1  # the model's input: the blue centre (a crop inside the ring)
+    views = make_views([original], image, 64, seeds=[0])[0]
+    red = (views[1:, 0] > 0.5).flatten(1).any(1)
+    assert red.float().mean() > 0.5  # most views see the ring
+    from_image = make_views([image[0]], image, 64, seeds=[0])[0]  # the old source: the centre crop
+    assert not (from_image[1:, 0] > 0.5).any()
+
+
+@pytest.mark.parametrize("size", [(300, 400), (64, 64), (500, 120)])
+def test_crops_match_torchvision_random_resized_crop_on_the_same_box(size):
+    """The project's views equal torchvision's RandomResizedCrop (bilinear, antialiased) + flip
+    on the same boxes within 1e-4 on float images; PIL's uint8 version within 2/255 (rounding)."""
+    import numpy as np
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    from tta.augment.views import crop_boxes
+
+    height, width = size
+    g = torch.Generator().manual_seed(7)
+    original = (torch.rand(3, height, width, generator=g) * 255).round().to(torch.uint8)
+    original = TF.gaussian_blur(original, [5, 5], [1.5, 1.5])  # a natural-ish image: smooth, not white noise
+    views = make_views([original], torch.zeros(1, 3, 48, 48), 9, seeds=[3])[0, 1:]
+    boxes, flip = crop_boxes(torch.Generator().manual_seed(3), 8, height, width)
+    pil = Image.fromarray(original.permute(1, 2, 0).numpy())
+    for view, (left, top, w, h), flipped in zip(views, boxes.long().tolist(), flip.tolist()):
+        expected = TF.resized_crop(original.float() / 255, top, left, h, w, [48, 48], antialias=True)
+        expected = expected.flip(-1) if flipped else expected
+        assert (view - expected).abs().max() < 1e-4
+        # the reference's path: torchvision's resized_crop on the PIL image = crop, then PIL's resize
+        reference = pil.crop((left, top, left + w, top + h)).resize((48, 48), Image.BILINEAR)
+        reference = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float() / 255
+        reference = reference.flip(-1) if flipped else reference
+        assert (view - reference).abs().max() < 2.5 / 255
+
+
+def test_boxes_follow_torchvision_sampling_with_its_central_fallback():
+    from tta.augment.views import crop_boxes
+
+    boxes, _ = crop_boxes(torch.Generator().manual_seed(0), 2000, 300, 400)
+    area = boxes[:, 2] * boxes[:, 3] / (300 * 400)
+    ratio = boxes[:, 2] / boxes[:, 3]
+    assert area.min() >= 0.075 and area.max() <= 1.0
+    assert ratio.min() >= 3 / 4 - 0.02 and ratio.max() <= 4 / 3 + 0.02
+    assert (boxes[:, 0] + boxes[:, 2] <= 400).all() and (boxes[:, 1] + boxes[:, 3] <= 300).all()
+    # a 10:1 strip: no draw fits in ten tries, so torchvision's central crop at ratio 4/3
+    strip, _ = crop_boxes(torch.Generator().manual_seed(0), 50, 20, 200, attempts=1)
+    fallback = strip[(strip[:, 3] == 20) & (strip[:, 2] == 27)]
+    assert len(fallback) > 0 and (fallback[:, 0] == (200 - 27) // 2).all() and (fallback[:, 1] == 0).all()
 
 
 def test_tpt_with_checkpointed_text_tower_gives_the_same_result(world_vlm):

@@ -1,42 +1,68 @@
 """``tta-predict``: compose the Hydra config, instantiate, ``Trainer.predict``, write results.
 
-tta-predict                                   # the shipped tiny CLIP on every offline-world domain
-tta-predict data.severity=5 seed=1            # any config value
-tta-predict -m data.severity=1,3,5            # a multirun sweep
-tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
+    tta-predict                                   # the shipped tiny CLIP on every offline-world domain
+    tta-predict data.severity=5 seed=1            # any config value
+    tta-predict -m data.severity=1,3,5            # a multirun sweep
+    tta-predict hydra.run.dir=runs/a              # rerun the same command to resume a stopped run
+    tta-predict list                              # config groups, every method's options, the cards
+
+The run directory is locked for the whole run and checked before anything is written in it
+(its config record ``.hydra/`` included, which this command writes itself once the check
+passed). SIGTERM or SIGINT stops after the current batch, with exit code 143 or 130.
+
+Start-up is kept short: this module imports only Hydra, OmegaConf and the standard library;
+torch, Lightning and open_clip are imported by :func:`run`, after the config is composed and
+checked (so ``--help``, ``list`` and a config error answer in about a second).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
-from rich.table import Table
 
-from tta.callbacks import PredictionWriter, TTAProgressBar
+from tta.run_folder import DirectoryLock, RunFolderError, RunStopped, check_run_directory, make_directory, write_atomic
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from rich.table import Table
 
 #: Errors that are the user's to fix: printed as one line, without a stack trace.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError)
+
+#: The run's log: printed, and written to ``cli.log`` in the run directory (configs/predict.yaml).
+log = logging.getLogger("tta.cli")
 
 
-def run_key(cfg: DictConfig) -> str:
-    """What makes two runs the same run (for resuming): the config, display options aside."""
+def run_key(cfg: DictConfig) -> dict[str, Any]:
+    """What makes two runs the same run (for resuming): the resolved config, display options
+    and loggers aside (where results are also logged does not change them)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("print_table", None)
+    config.pop("logger", None)
     config.get("trainer", {}).pop("enable_progress_bar", None)
-    text = OmegaConf.to_yaml(OmegaConf.create(config), sort_keys=True)
-    return "config sha256 " + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return config
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values the config leaves unset (``???``) and a seed that is no integer, as one line each."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{missing[0]} is not set: add {missing[0]}=<value> to the command")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}: set seed=<integer>, e.g. seed=0")
 
 
 def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -46,12 +72,47 @@ def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     callbacks = []
     for name, node in (cfg.tta.get("callbacks") or {}).items():
         if "_target_" not in node:
-            logging.getLogger(__name__).warning(
-                "tta.callbacks.%s sets options of a method that tta= does not select; ignored", name
-            )
+            log.warning("tta.callbacks.%s sets options of a method that tta= does not select; ignored", name)
             continue
         callbacks.append(instantiate(node))
     return callbacks
+
+
+def set_threads(cfg: DictConfig) -> str:
+    """Set torch's CPU thread count and say how it was chosen: ``threads`` from the config,
+    else ``OMP_NUM_THREADS`` from the environment, else :func:`default_threads`. Under DDP
+    Lightning gives each process its share itself."""
+    import torch
+
+    if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+        return f"{torch.get_num_threads()} (Lightning sets each DDP process's share)"
+    if cfg.get("threads") is not None:
+        if int(cfg.threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {cfg.threads}: set threads=<n> or leave it null")
+        torch.set_num_threads(int(cfg.threads))
+        return f"{torch.get_num_threads()} (threads={cfg.threads})"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    torch.set_num_threads(default_threads())
+    return f"{torch.get_num_threads()} (default; set threads=<n> to change)"
+
+
+def default_threads() -> int:
+    """The cores this process may run on, at most 8: per-sample adaptation of small batches
+    gains little from more, and a busy machine loses much to oversubscribed threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def with_model_preprocessing(data_cfg: DictConfig, preprocessing: dict[str, Any]) -> DictConfig:
+    """A copy of the data config whose ``null`` preprocessing settings (``image_size``,
+    ``resize_mode``, ``interpolation``) take the model's own values (``module.preprocessing``)."""
+    data_cfg = data_cfg.copy()
+    with open_dict(data_cfg):
+        for key, value in preprocessing.items():
+            if data_cfg.get(key, "absent") is None:
+                data_cfg[key] = value
+    return data_cfg
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
@@ -63,31 +124,64 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     batches (a stopped run, same config), prediction resumes after them; a finished run is
     not predicted again.
     """
+    check_config(cfg)
+    import pytorch_lightning as pl
+    import torch
+
+    from tta.callbacks import PredictionWriter, TTAProgressBar
+
     # Lightning's start-up banners (device summary, product tips) drown the table
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # a resumed run that was finished has no batch left: expected, not a mistake
     warnings.filterwarnings("ignore", message=r"Total length of `DataLoader` across ranks is zero.*")
+    threads = set_threads(cfg)
+    log.info("torch CPU threads: %s", threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_accelerator(cfg)
     module = instantiate(cfg.model)
-    data_cfg = cfg.data.copy()
-    if data_cfg.get("image_size", "absent") is None:
-        with open_dict(data_cfg):
-            data_cfg.image_size = module.input_size
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(with_model_preprocessing(cfg.data, module.preprocessing))
     callbacks = tta_callbacks(cfg)
-    writer = PredictionWriter(
-        output_dir, seed=cfg.seed, run_key=run_key(cfg), run_info={"config": OmegaConf.to_container(cfg, resolve=True)}
-    )
+    run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "torch_threads": torch.get_num_threads()}
+    writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg), run_info=run_info)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TTAProgressBar())
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, writer])
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, writer], logger=logger)
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.metrics
 
 
-#: How metrics.json values show in the table: percent for accuracies, else by type.
-PERCENT_METRICS = ("accuracy",)
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without one: one line with the fix, before the model is built."""
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): run without trainer=gpu "
+            "(the default trainer runs on the CPU), or install a CUDA build of torch on a GPU machine"
+        )
+
+
+# --- the results table -----------------------------------------------------------------------
+
+#: How a metric is headed in the printed table (short, so that the table fits 80 columns).
+HEADINGS = {
+    "accuracy": "accuracy",
+    "ece": "ECE",
+    "text_score": "text",
+    "image_score": "image",
+    "group_score": "group",
+    "group_match": "match",
+    "multiple_choice": "choice",
+    "found_fraction": "found",
+    "steps_first": "1st step",
+}
+#: Metrics shown in percent.
+PERCENT_METRICS = {"accuracy", "text_score", "image_score", "group_score", "group_match", "found_fraction"}
+TABLE_WIDTH = 80
 
 
 def _format(name: str, value: Any) -> str:
@@ -97,23 +191,69 @@ def _format(name: str, value: Any) -> str:
         return f"{100 * value:.1f}%"
     if isinstance(value, int):
         return str(value)
-    return f"{value:.2f}" if name.startswith("ms") else f"{value:.3f}"
+    return f"{value:.2f}" if name.startswith(("ms", "adapt", "steps")) else f"{value:.3f}"
 
 
-def metrics_table(metrics: dict[str, Any]) -> Table:
-    """Per domain and overall: the task's metrics (``n``, then e.g. accuracy and ECE), ms per sample."""
-    table = Table(title=f"{metrics['method']} | {metrics['model']} | {metrics['data']} | seed {metrics['seed']}")
-    names = [k for k, v in next(iter(metrics["domains"].values())).items() if not isinstance(v, (dict, list, str))]
-    names = [k for k in names if k != "ms_per_sample"] + ["ms_per_sample"]
-    for column in ("domain", *names):
-        heading = {"ms_per_sample": "ms/sample", "ece": "ECE"}.get(column, column)
-        table.add_column(heading, justify="left" if column == "domain" else "right")
-    for name, m in metrics["domains"].items():
-        table.add_row(name, *(_format(k, m.get(k)) for k in names))
-    table.add_section()
-    table.add_row("all", *(_format(k, metrics.get(k)) for k in names))
-    table.caption = f"peak memory {metrics['peak_mem_mb']:.0f} MB"
-    return table
+def _metric_names(metrics: dict[str, Any]) -> list[str]:
+    """The task's per-domain metrics in declaration order (``n`` first, times and ``*_zs`` apart)."""
+    first = next(iter(metrics["domains"].values()))
+    names = [k for k, v in first.items() if isinstance(v, (int, float)) or v is None]
+    return [k for k in names if not k.endswith("_zs") and k not in ("ms_per_sample", "adapt_ms_per_sample")]
+
+
+def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
+    """The results as rich tables that fit 80 columns: per domain and overall, the task's
+    metrics, ms per sample (the whole loop, adaptation included) and, when a method ran, the
+    part of it spent adapting; for tasks that keep unadapted scores (``*_zs``), a second table
+    of those."""
+    from rich import box
+    from rich.table import Table
+
+    names = _metric_names(metrics)
+    adapted = bool(metrics.get("adapt_ms_per_sample"))
+    tables = []
+    raw = [n for n in names if n != "n" and any(f"{n}_zs" in d for d in metrics["domains"].values())]
+    for suffix, columns in (("", names), ("_zs", ["n", *raw])):
+        if suffix and not raw:
+            continue
+        title = f"{metrics['method']} | {metrics['model']} | {metrics['data']} | seed {metrics['seed']}"
+        table = Table(title=title if not suffix else "unadapted (raw) scores of the same run", box=box.SQUARE)
+        table.add_column("domain", overflow="fold", max_width=24)
+        heads = [(c, c if c == "n" else c + suffix) for c in columns]
+        for column, _ in heads:
+            table.add_column(HEADINGS.get(column, column), justify="right", overflow="fold")
+        times = [] if suffix else ["ms_per_sample", *(["adapt_ms_per_sample"] if adapted else [])]
+        for column in times:
+            table.add_column({"ms_per_sample": "ms/sample", "adapt_ms_per_sample": "adapt ms"}[column], justify="right")
+        for name, m in metrics["domains"].items():
+            table.add_row(name, *(_format(c, m.get(key)) for c, key in heads), *(_format(t, m.get(t)) for t in times))
+        table.add_section()
+        table.add_row(
+            "all", *(_format(c, metrics.get(key)) for c, key in heads), *(_format(t, metrics.get(t)) for t in times)
+        )
+        if not suffix:
+            caption = [f"peak memory {metrics['peak_mem_mb']:.0f} MB"]
+            threads = metrics.get("run", {}).get("torch_threads")
+            if threads:
+                caption.append(f"{threads} CPU threads")
+            if metrics.get("skipped_images"):
+                caption.append(f"{metrics['skipped_images']} undecodable images skipped")
+            table.caption = ", ".join(caption)
+        tables.append(table)
+    return tables
+
+
+def render(tables: list[Table], width: int = TABLE_WIDTH) -> str:
+    """Plain text of the tables at ``width`` columns (no colour codes: the same in a terminal and a log)."""
+    from rich.console import Console
+
+    console = Console(width=width, file=io.StringIO(), color_system=None, force_terminal=False, highlight=False)
+    for table in tables:
+        console.print(table)
+    return console.file.getvalue().rstrip("\n")
+
+
+# --- errors ------------------------------------------------------------------------------------
 
 
 def _user_error(error: BaseException) -> BaseException | None:
@@ -123,21 +263,99 @@ def _user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, USER_ERRORS) else None
 
 
+def write_config_record(output_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them, written
+    here (``hydra.output_subdir`` is null) so that a refused run leaves the folder's record alone."""
+    hydra_cfg = HydraConfig.instance().cfg
+    record = output_dir / ".hydra"
+    make_directory(record)
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        write_atomic(record / name, OmegaConf.to_yaml(node))
+
+
+class RunDirectoryCheck(Callback):
+    """Hydra callback: the run (or sweep) directory can be created and written, checked before
+    Hydra creates it, so that a path under a file or in a read-only place is one line, exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, setting: str) -> None:
+        try:
+            make_directory(Path(directory))
+        except RunFolderError as error:
+            _fail(f"{error} ({setting})")
+
+
+def _fail(message: Any, exit_code: int = 2, label: str = "error: ") -> None:
+    """Print one line on stderr and exit."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(
+        f"[bold red]tta-predict: {label}[/]{escape(str(message))}", highlight=False, soft_wrap=True
+    )
+    sys.exit(exit_code)
+
+
+def _launching_process() -> bool:
+    """Whether this is the process the user started, not a DDP rank > 0 that Lightning (or
+    SLURM) started: the rank variables Lightning reads, without importing it (start-up time)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key]) == 0
+    return True
+
+
 @hydra.main(config_path="pkg://tta.configs", config_name="predict", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    # the processes that Lightning (or SLURM) starts for DDP ranks > 0 run this too: the
+    # launching process alone owns the directory and its record
+    launching = _launching_process()
     try:
-        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+        check_config(cfg)
+        with DirectoryLock(output_dir) if launching else contextlib.nullcontext():
+            if launching:
+                check_run_directory(output_dir, run_key(cfg))
+                write_config_record(output_dir, cfg)
+                log.info("run directory: %s", output_dir)
+            metrics = run(cfg, output_dir)
+    except RunStopped as stop:
+        if not launching:
+            sys.exit(stop.exit_code)
+        _fail(stop, stop.exit_code, label="")
+    except KeyboardInterrupt:  # Ctrl-C before the first batch or after the last: nothing half-written
+        _fail("stopped by SIGINT; rerun the same command to resume", 130, label="")
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
             raise
-        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-        Console(stderr=True).print(f"[bold red]tta-predict: error:[/] {message}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    if cfg.print_table and metrics is not None:
-        Console().print(metrics_table(metrics))
+        _fail(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
+    if metrics is None:  # a DDP rank other than 0: rank 0 reports
+        return
+    if cfg.print_table:
+        log.info("results:\n%s", render(metrics_tables(metrics)))
+    # the lock is the run's, not a result
+    written = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name[0] != "." and p.name != "run.lock")
+    log.info("wrote %s in %s", ", ".join(written), output_dir)
 
 
 def predict() -> None:
-    """Console-script entry point of ``tta-predict``."""
+    """Console-script entry point of ``tta-predict`` (``list`` or ``--help``: every knob, see
+    :mod:`tta.config_help`)."""
+    if sys.argv[1:2] == ["list"] or {"-h", "--help"} & set(sys.argv[1:]):
+        from tta.config_help import describe
+
+        with contextlib.suppress(BrokenPipeError):  # tta-predict list | head
+            print(describe())
+        return
     _main()

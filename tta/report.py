@@ -14,6 +14,10 @@ the mean over seeds, with the standard deviation when there are several. Writes 
 The score is the task's headline metric (``headline`` in ``metrics.json``; ``accuracy`` for
 classifiers).
 
+A ``metrics.json`` that cannot be read (damaged, or not written by ``tta-predict``) is skipped
+with a warning naming it. Runs that have started but not finished (a ``progress.json`` without
+``metrics.json``) are listed under the table, with the batches they have written.
+
 ``--compare-published`` also puts each run beside the published numbers of the protocol card
 it ran (the ``published`` block of its ``experiment`` config, read from the run's
 ``.hydra/config.yaml``): run accuracy, published accuracy and the difference, in points.
@@ -31,23 +35,79 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from tta.metrics.classification import ECE_BINS
+from tta.metrics.calibration import reliability
 
 CLEAN = "clean"
 Group = tuple[str, str, str, Any]  # method, model, data, severity (None if the data has none)
 
 
+#: Keys of every metrics.json that tta-predict writes (tta.callbacks.PredictionWriter).
+REQUIRED_KEYS = ("method", "model", "data", "domains", "ms_per_sample", "peak_mem_mb")
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """One run's ``metrics.json``; ``None``, with a warning on stderr naming the file, when it
+    cannot be read or lacks what tta-predict writes."""
+    try:
+        run = json.loads(path.read_text())
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+        missing = [key for key in REQUIRED_KEYS if key not in run]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        print(
+            f"tta-report: warning: skipping {path} ({error}): rerun its tta-predict command to rewrite it",
+            file=sys.stderr,
+        )
+        return None
+    return run
+
+
 def load_runs(directory: Path) -> list[dict[str, Any]]:
-    """Every run's metrics under ``directory``, each with its ``path`` (the run directory)."""
-    paths = sorted(directory.rglob("metrics.json"))
-    if not paths:
-        raise FileNotFoundError(f"no metrics.json under {directory}: point tta-report at a run or multirun directory")
-    return [json.loads(p.read_text()) | {"path": p.parent} for p in paths]
+    """Every run's metrics under ``directory``, each with its ``path`` (the run directory);
+    unreadable ``metrics.json`` files are skipped with a warning."""
+    runs = [run | {"path": p.parent} for p in sorted(directory.rglob("metrics.json")) if (run := read_metrics(p))]
+    if not runs:
+        unfinished = unfinished_runs(directory)
+        hint = f" ({len(unfinished)} unfinished: rerun their command to finish them)" if unfinished else ""
+        raise FileNotFoundError(
+            f"no readable metrics.json under {directory}{hint}: point tta-report at a run or multirun directory"
+        )
+    return runs
+
+
+def unfinished_runs(directory: Path) -> dict[Path, int | None]:
+    """Run directories under ``directory`` that hold a ``progress.json`` but no ``metrics.json``
+    (stopped, failed or still running), with the batches written so far (``None``: unreadable)."""
+    found: dict[Path, int | None] = {}
+    for progress in sorted(directory.rglob("progress.json")):
+        run = progress.parent.parent.parent if progress.parent.parent.name == "parts" else progress.parent
+        if (run / "metrics.json").exists():
+            continue
+        try:
+            batches = len(json.loads(progress.read_text())["batches"])
+        except (OSError, ValueError, KeyError, TypeError):
+            batches = None
+        before = found.get(run, 0)  # a DDP run: its processes' parts add up
+        found[run] = None if before is None or batches is None else before + batches
+    return found
+
+
+def unfinished_section(directory: Path) -> str:
+    """Markdown list of the unfinished runs under ``directory`` ("" when there is none)."""
+    unfinished = unfinished_runs(directory)
+    if not unfinished:
+        return ""
+    lines = ["", f"Unfinished runs ({len(unfinished)}, not in the table; rerun their command to finish them):", ""]
+    for run, batches in unfinished.items():
+        written = "progress.json unreadable" if batches is None else f"{batches} batches written"
+        lines.append(f"- {run.relative_to(directory).as_posix() if run != directory else '.'}: {written}")
+    return "\n".join(lines)
 
 
 def headline(run: dict[str, Any]) -> str:
@@ -215,16 +275,11 @@ def reliability_plot(runs: list[dict[str, Any]], path: Path) -> bool:
     if not pooled:
         return False
     fig, axes = plt.subplots(1, len(pooled), figsize=(3.2 * len(pooled), 3.4), squeeze=False)
-    edges = torch.linspace(0, 1, ECE_BINS + 1)
     for ax, (method, (confidence, correct)) in zip(axes[0], pooled.items()):
-        conf, hit = torch.tensor(confidence, dtype=torch.float64), torch.tensor(correct, dtype=torch.float64)
-        bins = torch.bucketize(conf, edges[1:-1].double(), right=True)
-        count = torch.bincount(bins, minlength=ECE_BINS).double()
-        accuracy = torch.bincount(bins, hit, minlength=ECE_BINS) / count.clamp(min=1)
-        mean_conf = torch.bincount(bins, conf, minlength=ECE_BINS) / count.clamp(min=1)
-        ece = float((count / count.sum() * (accuracy - mean_conf).abs()).sum())
-        centres, width = (edges[:-1] + edges[1:]) / 2, 1 / ECE_BINS
-        used = count > 0
+        bins = reliability(confidence, correct)
+        centres, accuracy, mean_conf, ece = bins.centres, bins.accuracy, bins.confidence, bins.ece
+        width = centres[1] - centres[0]
+        used = bins.count > 0
         ax.bar(centres[used], accuracy[used], width=width, edgecolor="black", linewidth=0.5, label="accuracy")
         ax.bar(
             centres[used],
@@ -239,7 +294,7 @@ def reliability_plot(runs: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
-        ax.set_title(f"{method}\nECE {ece:.3f}, {len(conf)} samples", fontsize=9)
+        ax.set_title(f"{method}\nECE {ece:.3f}, {len(confidence)} samples", fontsize=9)
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -257,9 +312,9 @@ def published_rows(directory: Path) -> list[list[str]]:
     for path in sorted(directory.rglob("metrics.json")):
         config = path.parent / ".hydra" / "config.yaml"
         published = OmegaConf.load(config).get("published") if config.is_file() else None
-        if published is None:
+        run = read_metrics(path) if published is not None else None
+        if run is None:
             continue
-        run = json.loads(path.read_text())
         reference = published.accuracy.get(run["data"])
         ours = None if run["accuracy"] is None else 100 * run["accuracy"]
         cells = [
@@ -289,7 +344,7 @@ def report(directory: str | Path) -> tuple[str, list[str]]:
     """Write the report files into ``directory``; returns the table and the files written."""
     directory = Path(directory)
     runs = load_runs(directory)
-    table = markdown_table(runs)
+    table = markdown_table(runs) + unfinished_section(directory)
     (directory / "report.md").write_text(table + "\n")
     accuracy_plot(runs, directory / "report.png")
     written = ["report.md", "report.png"]

@@ -24,7 +24,10 @@ uint8 level was seen on the CPU), and the cache fixes them at their first genera
 named by a SHA-256 over the image's bytes (the raw float32 tensor given to :meth:`views`), the
 sample seed, the model identity and every generation setting, written atomically (temporary file
 then rename). The stored tensor is uint8, and a fresh generation returns exactly the tensor it
-stores, so a later read is bit-identical to the first run. Model identity: hub id + revision; for
+stores, so a later read is bit-identical to the first run. Each file also carries its key and
+the SHA-256 of its pixels (safetensors metadata), checked on every read: a file that cannot be
+read, holds another key (another image's file copied or renamed into place) or whose pixels do
+not match the checksum is regenerated and rewritten, with one warning naming it. Model identity: hub id + revision; for
 a local folder, its resolved path + the name, size and modification time of every file in it
 (re-saving weights into the same folder invalidates the cache without hashing gigabytes); the
 tiny pipeline, its name and seed. The dtype the pipeline runs in is part of the key (``"auto"``
@@ -36,22 +39,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 #: ``pretrained`` value of the tiny random pipeline (plumbing checks offline; not a model).
 TINY_PIPELINE = "tta-tiny-image-variation"
 #: DiffTPT's weights.
 DIFFTPT_WEIGHTS = ("lambdalabs/sd-image-variations-diffusers", "v2.0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CACHE_FORMAT = 1  # bump when the stored layout changes
+CACHE_FORMAT = 2  # bump when the stored layout changes (2: key and checksum inside each file)
+
+log = logging.getLogger(__name__)
+
+
+def require_difftpt_extra() -> None:
+    """One line naming the extra to install when diffusers or transformers is missing (they are
+    not installed by default: only DiffTPT needs them)."""
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"DiffTPT needs diffusers and transformers ({error}): install the extra with pip install 'tta[difftpt]'"
+        ) from error
 
 
 def tiny_image_variation_pipeline(seed: int = 0):
@@ -168,6 +187,7 @@ class DiffusionViewGenerator:
             raise ValueError(f"height and width must be multiples of 8 (or None), got {height} and {width}")
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        require_difftpt_extra()
         if scheduler is not None:
             import diffusers
 
@@ -293,18 +313,35 @@ class DiffusionViewGenerator:
     def cache_path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.safetensors"
 
-    def _read(self, path: Path) -> torch.Tensor | None:
+    def _read(self, path: Path, key: str) -> torch.Tensor | None:
+        """The views stored under ``key``; ``None`` if there are none, or, with a warning naming the
+        file, if the file does not verify (it is then regenerated and rewritten)."""
         try:
-            return load_file(path)["views"]
+            with safe_open(path, framework="pt") as f:
+                stored, views = f.metadata() or {}, f.get_tensor("views")
         except FileNotFoundError:
             return None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            problem = f"unreadable: {error}"
+        else:
+            if stored.get("key") != key:
+                problem = "it holds the views of another image or other settings"
+            elif views.dtype != torch.uint8 or views.ndim != 4 or len(views) != self.n_views:
+                problem = f"unexpected views {tuple(views.shape)} {views.dtype}"
+            elif stored.get("sha256") != _pixels_digest(views):
+                problem = "its pixels do not match their checksum"
+            else:
+                return views
+        log.warning("DiffTPT view cache file %s is damaged (%s): regenerating it", path, problem)
+        return None
 
-    def _write(self, path: Path, views: torch.Tensor) -> None:
+    def _write(self, path: Path, key: str, views: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"views": views.contiguous()}, tmp)
+            views = views.contiguous()
+            save_file({"views": views}, tmp, metadata={"key": key, "sha256": _pixels_digest(views)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -324,11 +361,9 @@ class DiffusionViewGenerator:
         if self.pipeline is None:
             self.load(device)
         settings = json.dumps(self.settings(device), sort_keys=True)
-        paths = [
-            self.cache_path(self.cache_key(im, s, settings)) if self.cache_dir is not None else None
-            for im, s in zip(images, seeds)
-        ]
-        out: list[torch.Tensor | None] = [self._read(p) if p is not None else None for p in paths]
+        keys = [self.cache_key(im, s, settings) if self.cache_dir is not None else None for im, s in zip(images, seeds)]
+        paths = [self.cache_path(key) if key is not None else None for key in keys]
+        out: list[torch.Tensor | None] = [self._read(p, k) if p is not None else None for p, k in zip(paths, keys)]
         self.n_cached += sum(v is not None for v in out)
         missing = [b for b, v in enumerate(out) if v is None]
         if missing:
@@ -336,7 +371,7 @@ class DiffusionViewGenerator:
             for b, views in zip(missing, generated):
                 out[b] = views
                 if paths[b] is not None:
-                    self._write(paths[b], views)
+                    self._write(paths[b], keys[b], views)
         return torch.stack(out).to(device)
 
     def _generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -362,13 +397,37 @@ class DiffusionViewGenerator:
             self.n_generated += len(chunk)
         return torch.cat(chunks).view(len(images), self.n_views, *chunks[0].shape[1:])
 
+    @property
+    def condition_size(self) -> tuple[int, int]:
+        """The pipeline's CLIP input size (224 x 224 for DiffTPT's weights); needs :meth:`load`."""
+        crop = self.pipeline.feature_extractor.crop_size
+        return (crop, crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
+
+    def squash(self, originals: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+        """``B x 3 x h x w`` float: each image as loaded (uint8 ``3 x H x W``), whole, squashed to
+        :attr:`condition_size` (bicubic, antialiased, no crop), as DiffTPT conditions on it."""
+        return torch.stack(
+            [
+                F.interpolate(
+                    original.to(device).float()[None] / 255,
+                    size=self.condition_size,
+                    mode="bicubic",
+                    antialias=True,
+                    align_corners=False,
+                )[0].clamp(0, 1)
+                for original in originals
+            ]
+        )
+
     def clip_condition(self, images: torch.Tensor) -> torch.Tensor:
         """The images as the pipeline's image encoder takes them: resized (bicubic) to its CLIP input
-        size and normalised with its feature extractor's mean and std."""
+        size (a no-op for :meth:`squash`'s output) and normalised with its feature extractor's mean
+        and std."""
         processor = self.pipeline.feature_extractor
-        crop = processor.crop_size
-        size = (crop, crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
-        resized = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        size = self.condition_size
+        resized = images.float()
+        if tuple(resized.shape[-2:]) != size:
+            resized = F.interpolate(resized, size=size, mode="bicubic", antialias=True, align_corners=False)
         mean = torch.tensor(processor.image_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_std, device=images.device).view(1, 3, 1, 1)
         return (resized.clamp(0, 1) - mean) / std
@@ -385,8 +444,9 @@ class DiffusionViewGenerator:
         self, batches: Iterable[dict[str, Any]], sample_seed: Callable[[int], int], device: torch.device | str = "cpu"
     ) -> int:
         """Pre-pass: generate (or find cached) the views of every image of ``batches`` (dicts with
-        ``image`` and ``index``, e.g. a datamodule's ``predict_dataloader()``); ``sample_seed`` maps a
-        sample index to its seed. Returns the number of images. Needs ``cache_dir``."""
+        ``original``, the images as loaded, conditioned on through :meth:`squash`, or else ``image``,
+        and ``index``, e.g. a datamodule's ``predict_dataloader()``); ``sample_seed`` maps a sample
+        index to its seed. Returns the number of images. Needs ``cache_dir``."""
         if self.cache_dir is None:
             raise ValueError("fill_cache stores views in cache_dir: give a cache_dir")
         self.load(device)
@@ -395,9 +455,14 @@ class DiffusionViewGenerator:
             if len(batch["index"]) == 0:
                 continue
             seeds = [sample_seed(i) for i in batch["index"].tolist()]
-            self.views(batch["image"].to(device), seeds)
+            images = self.squash(batch["original"], device) if "original" in batch else batch["image"].to(device)
+            self.views(images, seeds)
             n += len(seeds)
         return n
+
+
+def _pixels_digest(views: torch.Tensor) -> str:
+    return hashlib.sha256(views.contiguous().numpy().tobytes()).hexdigest()
 
 
 def view_seed(sample_seed: int, view: int) -> int:

@@ -1,11 +1,11 @@
 """DiffTPT: TPT over conventional and diffusion views, with a cosine filter (Feng et al., ICCV 2023).
 
 Per image the candidates are the original (view 0), ``n_conventional`` crop/flip or AugMix views
-and the diffusion views after them (reference: 1 + 63 + 63 = 127). Selection, computed once with
+and the diffusion views after them (reference: 1 + 64 + 63 = 128). Selection, computed once with
 the initial prompt and fixed for all steps:
 
 1. cosine filter: the cosine similarity between the original and each other candidate; the top
-   ``cosine_fraction`` (80%) of the candidates are kept, plus the original. Two readings:
+   ``cosine_fraction`` (80%) of the other candidates are kept (101 of 127), plus the original. Two readings:
    ``"logits"`` (the reference code): similarity of the logit vectors under the initial prompt,
    one ranking over all candidates; ``"features"`` (the paper's text): similarity of the image
    features, the conventional and the diffusion views ranked and filtered separately;

@@ -5,9 +5,11 @@ in feature space agree: the output ``z`` minimises
 
     E(z) = sum_i KL(z_i || p_i) - sum_ij w_ij z_i^T z_j
 
-over the probability simplex, by the parallel fixed point ``z_i <- softmax(log p_i + sum_j w_ij z_j)``
-from ``z = p``. Nothing is learned and no state is kept between batches: the batch is the
-neighbourhood, so the batch size is the method's key setting.
+over the probability simplex, by the parallel fixed point
+``z_i <- softmax(log(p_i + 1e-10) + sum_j w_ij z_j)`` from ``z = softmax(log(p + 1e-10))``, with the
+reference code's unary term and stopping rule (:func:`fixed_point`). Nothing is learned and no
+state is kept between batches: the batch is the neighbourhood, so the batch size is the method's
+key setting.
 
 Affinities ``W`` (N x N) on L2-normalised features with Euclidean distances:
 
@@ -19,7 +21,10 @@ Affinities ``W`` (N x N) on L2-normalised features with Euclidean distances:
 - ``linear``: ``W = F F^T`` (cosine similarities).
 
 ``k`` is clamped to what the batch allows (N - 1 neighbours for ``knn``, N points for the rbf
-``sigma``), so every affinity works on a batch of one.
+``sigma``), so every affinity works on a batch of one. There the reference differs: with N = 1 its
+rbf bandwidth is 0 and its answer NaN; here ``sigma`` is floored at the dtype's epsilon, so a
+batch of one (or of identical points) keeps a finite answer (its own probabilities, up to the
+1e-10 of the unary term).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ import torch.nn.functional as F
 
 #: Iterations between two host-side convergence checks of :func:`fixed_point` (see there).
 CHECK_EVERY = 10
+#: The reference's unary term is ``-log(p + UNARY_EPS)``: a class below 1e-10 is not ruled out.
+UNARY_EPS = 1e-10
+#: The reference's floor inside the entropy term of the bound, ``z log max(z, 1e-20)``.
+ENTROPY_FLOOR = 1e-20
 
 
 def squared_distances(features: torch.Tensor) -> torch.Tensor:
@@ -111,15 +120,16 @@ def fixed_point(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise the LAME objective by the parallel fixed point; returns ``(z, iterations)``.
 
-    ``log_probs`` (N x C) are the finite logs of the model's probabilities, ``affinity`` is W.
-    Iteration t computes ``z_t = softmax(log p + W z_{t-1})`` (``z_0 = p``) and the objective
+    ``log_probs`` (N x C) is the unary term ``log(p + 1e-10)`` (see :data:`UNARY_EPS`), ``affinity``
+    is W. As the reference: ``z_0 = softmax(log_probs)``; iteration t computes the pairwise term of
+    the previous iterate ``a = W z_{t-1}``, then ``z_t = softmax(log_probs + a)`` and the bound
 
-        E_t = sum_i KL(z_t,i || p_i) - sum_ij w_ij z_t,i^T z_t,j
+        E_t = sum_i z_t,i^T (log max(z_t,i, 1e-20) - log_probs_i - a_i)
 
-    and stops after iteration t >= 3 as soon as the relative change
-    ``|E_t - E_{t-1}| <= tol * |E_{t-1}|`` (so when ``E_{t-1} = 0`` only an exact repeat stops
-    it), or after ``max_iter`` iterations. ``iterations`` (a 0-d long tensor, on the device)
-    counts the iterations applied.
+    (with the previous iterate's pairwise term ``a``, as the reference computes it), and stops
+    after iteration t >= 3 as soon as ``|E_t - E_{t-1}| <= tol * |E_{t-1}|`` (so when
+    ``E_{t-1} = 0`` only an exact repeat stops it), or after ``max_iter`` iterations.
+    ``iterations`` (a 0-d long tensor, on the device) counts the iterations applied.
 
     The stopping rule depends on the data, but reading it on the host costs a device sync
     (``.item()``) that stalls the GPU queue. So the test runs on the device every iteration and
@@ -131,19 +141,15 @@ def fixed_point(
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1 (iterations between host-side checks), got {check_every}")
-    z = log_probs.exp()
-    pairwise = affinity @ z
+    z = log_probs.softmax(-1)
     converged = torch.zeros((), dtype=torch.bool, device=z.device)
     iterations = torch.zeros((), dtype=torch.long, device=z.device)
     previous_energy = None
     for t in range(1, max_iter + 1):
-        log_z_new = torch.log_softmax(log_probs + pairwise, dim=-1)
-        z_new = log_z_new.exp()
-        pairwise_new = affinity @ z_new
-        # KL(z || p) - z^T (W z), summed; log z from log_softmax stays finite where z underflows to 0.
-        energy = (z_new * (log_z_new - log_probs - pairwise_new)).sum()
+        pairwise = affinity @ z
+        z_new = torch.softmax(log_probs + pairwise, dim=-1)
+        energy = (z_new * (z_new.clamp_min(ENTROPY_FLOOR).log() - log_probs - pairwise)).sum()
         z = torch.where(converged, z, z_new)
-        pairwise = torch.where(converged, pairwise, pairwise_new)
         iterations = iterations + (~converged).long()
         if t >= 3:
             converged = converged | ((energy - previous_energy).abs() <= tol * previous_energy.abs())
@@ -165,7 +171,7 @@ def laplacian_adjust(
 
     Args:
         probs: N x C probabilities of the frozen model (rows are renormalised to sum to 1; exact
-            zeros are allowed: their log is taken at the dtype's smallest normal number).
+            zeros are allowed: the unary term is ``log(p + 1e-10)``, as in the reference).
         features: N x D features of the same samples (L2-normalised here).
         affinity: "rbf" (the paper's default), "knn" or "linear" (see the module docstring).
         k: neighbours for knn; the k-th nearest point (itself counted) for the rbf bandwidth.
@@ -183,6 +189,6 @@ def laplacian_adjust(
     if affinity == "knn" and probs.shape[0] == 1:
         return probs
     weights = AFFINITIES[affinity](features.to(probs.dtype), k)
-    log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    log_probs = (probs + UNARY_EPS).log()
     adjusted, _ = fixed_point(log_probs, weights, max_iter=max_iter, tol=tol)
     return adjusted

@@ -47,9 +47,11 @@ def tpt_adapt(
 
     ``view_features``: ``B x V x D`` L2-normalised image features, view 0 the original.
     ``logit_fn(image_features, text_features)`` applies the model's scale and bias.
-    ``scaler``: a fresh GradScaler when the autocast dtype is float16 (TPT's reference uses
-    ``init_scale=1000``). ``checkpoint``: recompute text-tower blocks in the backward pass
-    (memory for compute; the result is the same).
+    ``scaler``: the run's GradScaler when the autocast dtype is float16 (TPT's reference keeps one,
+    ``init_scale=1000``, for the whole run); one ``scaler.step`` per step for the B images together,
+    so with B > 1 an inf/NaN gradient of one image skips the step of all B (the reference adapts one
+    image at a time: B = 1 reproduces its sequence of scales and skipped steps). ``checkpoint``:
+    recompute text-tower blocks in the backward pass (memory for compute; the result is the same).
     """
     autocast = autocast or nullcontext()
     b = view_features.shape[0]

@@ -4,14 +4,20 @@ Each round ``t`` of ``rounds``:
 
 1. score every group with the current model (logit units: scale and bias applied);
 2. pseudo-label the groups whose best matching leads the runner-up by at least ``tau_t``
-   (2 x 2: identity if ``m >= tau``, swapped if ``m <= -tau``, ``m = s00 + s11 - s01 - s10``;
+   (2 x 2: identity if ``m >= tau``, else swapped if ``m <= -tau``, ``m = s00 + s11 - s01 - s10``;
    k x k: the best of the k! matchings if it leads the second best by ``tau``; 1 x k: the top
-   caption if it leads the second by ``tau``); ``tau_t`` falls linearly from ``tau_max`` to 0;
-3. fine-tune all parameters (logit scale and bias included) on the pseudo-labelled groups with
+   caption if it leads the second by ``tau``); ``tau_t`` falls linearly from ``tau_max`` to 0.
+   As in the reference, the comparisons are ``>=`` (at ``tau = 0`` an exact tie is kept: a tied
+   2 x 2 group takes the identity) and are made in the precision the scores arrive in;
+3. fine-tune all parameters (logit scale and bias included) on the pseudo-labelled pairs with
    the model's own contrastive loss, symmetric InfoNCE (CLIP) or sigmoid (SigLIP: the model has a
    logit bias), a group's images and captions always in the same batch so that each pair's hard
-   negatives are there; AdamW (weight decay 0.05) whose state is kept across rounds, peak
-   learning rate ``lr * lr_decay**t`` with a cosine decay to ``min_lr_ratio`` of it within the round.
+   negatives are there; for 1 x k items only the (image, chosen caption) pairs, as the reference
+   (``unchosen_negatives=True`` adds the unchosen options as extra negatives); AdamW (weight
+   decay 0.05) whose state is kept across rounds, peak learning rate ``lr * lr_decay**t`` with a
+   cosine decay to ``min_lr_ratio`` of it within the round. The logit scale is not clamped (the
+   reference does not, and SigLIP's learned scale is above 100; open_clip's models declare no
+   bound on it: the clamp to ``log 100`` belongs to open_clip's training loop, not the model).
 
 Data without groups (one image set, one caption set) are matched as a whole by the Hungarian
 algorithm, keeping the ``1 - tau_t / tau_max`` most confident fraction of pairs (by matched score).
@@ -19,7 +25,7 @@ algorithm, keeping the ``1 - tau_t / tau_max`` most confident fraction of pairs 
 Ground truth is never used: image ``i`` of a group goes with caption ``i`` only by the
 convention that lets :class:`RoundLog` report how precise the pseudo-labels were. The model is
 fine-tuned in eval mode (normalisation statistics frozen) on a deep copy: the given model is
-never changed. Ties (a lead of exactly 0) never become pseudo-labels.
+never changed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from tta.metrics.groups import best_matching
+from tta.metrics.groups import best_matching, check_score_matrices, group_match_margin
 from tta.models.vlm import VisionLanguageModel
 
 LOSSES = ("auto", "infonce", "sigmoid")
@@ -89,24 +95,33 @@ def select_group_labels(scores: torch.Tensor, tau: float) -> tuple[torch.Tensor,
     """Pseudo-labels of ``N x k x k`` groups (rows images, columns captions).
 
     Returns ``(keep, permutation)``: ``N`` bool, groups whose best matching leads every other by
-    at least ``tau`` (and by more than 0), and ``N x k`` long, the caption of each image under it.
+    at least ``tau``, and ``N x k`` long, the caption of each image under it. 2 x 2 groups follow
+    the reference exactly: the margin ``s00 + s11 - s01 - s10`` in the scores' own precision,
+    identity if ``margin >= tau``, else swapped if ``margin <= -tau`` (a tie at ``tau = 0`` is
+    kept as the identity). NaN scores are never kept.
     """
+    scores = check_score_matrices(scores)
+    if scores.shape[-1] == 2:
+        margin = group_match_margin(scores).cpu()
+        identity, swapped = margin >= tau, margin <= -tau
+        permutation = torch.tensor([[0, 1], [1, 0]])[(swapped & ~identity).long()]
+        return identity | swapped, permutation
     permutation, gap = best_matching(scores)
-    keep = (gap >= tau) & (gap > 0)  # NaN gaps compare False
-    return keep, permutation
+    return gap >= tau, permutation  # NaN gaps compare False
 
 
 def select_choice_labels(scores: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels of ``N x k`` multiple-choice scores (one image, ``k`` captions).
 
     Returns ``(keep, choice)``: items whose top caption leads the second by at least ``tau``
-    (and by more than 0), and the top caption's index.
+    (ties kept at ``tau = 0``, as the reference), compared in the scores' own precision, and the
+    top caption's index.
     """
     if scores.ndim != 2 or scores.shape[1] < 2:
         raise ValueError(f"multiple-choice scores must be N x k with k >= 2, got shape {tuple(scores.shape)}")
-    top2 = scores.float().topk(2, dim=1)
+    top2 = scores.detach().cpu().topk(2, dim=1)
     gap = top2.values[:, 0] - top2.values[:, 1]
-    return (gap >= tau) & (gap > 0), top2.indices[:, 0]
+    return gap >= tau, top2.indices[:, 0]
 
 
 def hungarian_labels(scores: torch.Tensor, keep_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +183,7 @@ class _Selection:
 
     images: list[torch.Tensor]  # per unit: n_i x 3 x H x W
     captions: list[list[str]]  # per unit: the pseudo caption of each image
-    negatives: list[list[str]]  # per unit: captions of the unit that no image took
+    negatives: list[list[str]]  # per unit: extra negatives (1 x k with unchosen_negatives: the other options)
     correct: int
 
 
@@ -181,6 +196,9 @@ class TestTimeMatching:
         loss: ``"infonce"``, ``"sigmoid"`` or ``"auto"`` (sigmoid when the model has a logit bias).
         seed: order of the groups in the batches.
         encode_batch_size: images per tower call when scoring the set (speed and memory only).
+        unchosen_negatives: for 1 x k items, add the options the pseudo-label did not choose as
+            extra negatives of the contrastive loss (off: the reference trains on the (image,
+            chosen caption) pairs only).
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -192,11 +210,13 @@ class TestTimeMatching:
         loss: str = "auto",
         seed: int = 0,
         encode_batch_size: int = 256,
+        unchosen_negatives: bool = False,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.vlm = copy.deepcopy(vlm).eval()
         self.schedule, self.seed, self.encode_batch_size = schedule, int(seed), int(encode_batch_size)
+        self.unchosen_negatives = bool(unchosen_negatives)
         self.loss = ("sigmoid" if vlm.logit_bias is not None else "infonce") if loss == "auto" else loss
         self.optimizer = torch.optim.AdamW(
             [p for p in self.vlm.parameters() if p.is_floating_point()],
@@ -218,7 +238,7 @@ class TestTimeMatching:
                 for i in range(0, len(flat), self.encode_batch_size)
             ]
         )
-        return self.vlm.logits(image_features.view(n, m, -1), text_features.view(n, k, -1)).float()
+        return self.vlm.logits(image_features.view(n, m, -1), text_features.view(n, k, -1))
 
     def fit_groups(self, images: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[RoundLog]:
         """Run every round on ``N`` groups: ``N x k x 3 x H x W`` images with ``k`` captions each
@@ -233,7 +253,10 @@ class TestTimeMatching:
                 return _Selection(
                     [images[i] for i in units],
                     [[captions[i][int(choice[i])]] for i in units],
-                    [[c for j, c in enumerate(captions[i]) if j != int(choice[i])] for i in units],
+                    [
+                        [c for j, c in enumerate(captions[i]) if j != int(choice[i])] if self.unchosen_negatives else []
+                        for i in units
+                    ],
                     int((choice[keep] == 0).sum()),
                 )
             keep, permutation = select_group_labels(scores, tau)
@@ -328,8 +351,6 @@ class TestTimeMatching:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        with torch.no_grad():  # the range open_clip trains the scale in
-            self.vlm.model.logit_scale.clamp_(0, math.log(100))
         return float(loss.detach())
 
     @staticmethod

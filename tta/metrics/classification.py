@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.functional.classification import binary_calibration_error
 
-ECE_BINS = 15
+from tta.metrics.calibration import ECE_BINS
 
 
 def classification_metrics(pred: torch.Tensor, label: torch.Tensor, confidence: torch.Tensor) -> dict:

@@ -3,7 +3,8 @@
 Convention: a group's score matrix ``S`` is ``k x k`` with **rows = images, columns = captions**
 (``S[i, j]`` = score of image ``i`` with caption ``j``); the ground truth pairs image ``i`` with
 caption ``i``. Batched inputs are ``N x k x k``. Every comparison is strict: a tie is a failure
-(the ground truth must be strictly best), and so is a NaN.
+(the ground truth must be strictly best), and so is a NaN. Scores are compared in the precision
+they arrive in (float64 scores 1e-9 apart are not a tie), as the reference compares them.
 
 - text score: every image's own caption is the strict maximum of its row;
 - image score: every caption's own image is the strict maximum of its column;
@@ -37,6 +38,12 @@ def check_score_matrices(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def _comparable(scores: torch.Tensor) -> torch.Tensor:
+    """Floating scores as they are (no cast: a cast to float32 turns near-ties into ties);
+    integer scores as float64 (exact), so that ``-inf`` can mask entries."""
+    return scores if scores.is_floating_point() else scores.double()
+
+
 def _strict_diagonal_max(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Per group: the diagonal entry is strictly above every other entry of its row (dim=-1) or column (dim=-2)."""
     k = scores.shape[-1]
@@ -49,12 +56,12 @@ def _strict_diagonal_max(scores: torch.Tensor, dim: int) -> torch.Tensor:
 
 def text_score(scores: torch.Tensor) -> torch.Tensor:
     """``N`` bool: each image's own caption strictly beats the other captions."""
-    return _strict_diagonal_max(check_score_matrices(scores).float(), dim=-1)
+    return _strict_diagonal_max(_comparable(check_score_matrices(scores)), dim=-1)
 
 
 def image_score(scores: torch.Tensor) -> torch.Tensor:
     """``N`` bool: each caption's own image strictly beats the other images."""
-    return _strict_diagonal_max(check_score_matrices(scores).float(), dim=-2)
+    return _strict_diagonal_max(_comparable(check_score_matrices(scores)), dim=-2)
 
 
 def group_score(scores: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,7 @@ def check_choice_scores(scores: torch.Tensor, target: torch.Tensor | None) -> tu
 def multiple_choice_correct(scores: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """``N`` bool: the correct option (``target``, default 0) strictly beats every other option."""
     scores, target = check_choice_scores(scores, target)
-    scores = scores.float()
+    scores = _comparable(scores)
     correct = scores.gather(1, target.view(-1, 1)).squeeze(1)
     others = scores.scatter(1, target.view(-1, 1), float("-inf"))
     return correct > others.amax(1)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -24,9 +27,9 @@ def register_model_configs() -> None:
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 #: Models shipped inside the package, by name: each an open_clip ``local-dir`` trained on the
-#: offline world (``tta.world.train_clip``). ``tta-world-vit`` is the default model.
+#: offline world (``tta.world.train_clip``). ``tta-world-resnet`` is the default model.
 SHIPPED_MODELS: dict[str, Path] = {
-    name: ASSET_DIR / name for name in ("tta-world-vit", "tta-world-resnet", "tta-world-vit-siglip")
+    name: ASSET_DIR / name for name in ("tta-world-resnet", "tta-world-resnet-siglip", "tta-world-vit")
 }
 LOCAL_DIR = "local-dir:"
 
@@ -66,20 +69,73 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
     return name, str(Path(pretrained).expanduser())
 
 
+OPENAI_TAG = "openai"
+
+
+def is_openai_file(path: str | Path) -> bool:
+    """Whether a checkpoint file looks like OpenAI's CLIP weights: a TorchScript archive (the format
+    OpenAI publishes, e.g. ``ViT-B-16.pt``), a file named so (``ViT-B-16-openai.pt``), or a file of
+    the Hugging Face cache of such a repository (``models--timm--vit_base_patch16_clip_224.openai``)."""
+    path = Path(path)
+    if "openai" in path.name.lower() or any(p.startswith("models--") and "openai" in p.lower() for p in path.parts):
+        return True
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _uses_quick_gelu(model_name: str) -> bool:
+    config = open_clip.get_model_config(model_name) or {}
+    return bool(config.get("quick_gelu", False))
+
+
 def create_vlm(
-    name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    load_weights: bool = True,
 ) -> VisionLanguageModel:
     """Build a :class:`VisionLanguageModel` from a model name plus weights.
 
-    ``name``: an open_clip architecture ("ViT-B-16", "RN50", "ViT-B-16-SigLIP", the tiny test
-    configs "tta-tiny-clip" ...), a shipped model ("tta-world-vit") or "local-dir:/path".
+    ``name``: an open_clip architecture ("ViT-B-16-quickgelu", "RN50-quickgelu",
+    "ViT-B-16-SigLIP", the tiny test configs "tta-tiny-clip" ...), a shipped model
+    ("tta-world-resnet") or "local-dir:/path".
     ``pretrained``: an open_clip tag ("openai"), a checkpoint file, or None for random weights
     (ignored for shipped and local-dir models, whose folder holds the weights).
+    ``load_weights``: False builds the architecture exactly as ``pretrained`` would (activation,
+    the tag's preprocessing: size, resize mode, interpolation, mean/std) with random weights and
+    no download: for tests of the real architecture offline.
+
+    OpenAI's CLIP weights were trained with QuickGELU. open_clip's plain names ("ViT-B-16",
+    "RN50") use GELU, and loading OpenAI's weights into them only warns (for a tag) or says
+    nothing (for a file): a silent accuracy loss. Here OpenAI weights (the "openai" tag, or a file
+    :func:`is_openai_file` recognises) are always given QuickGELU, with a warning that says so
+    when the name did not ask for it.
     """
     register_model_configs()
     model_name, weights = _resolve(name, pretrained)
+    tag_config = open_clip.get_pretrained_cfg(model_name, weights) if weights is not None else {}
+    openai = weights == OPENAI_TAG or (weights is not None and not tag_config and is_openai_file(weights))
+    options: dict[str, Any] = {}
+    if openai and not _uses_quick_gelu(model_name):
+        warnings.warn(
+            f"{pretrained!r} holds OpenAI CLIP weights, trained with QuickGELU, but {name} uses GELU: building it "
+            f"with QuickGELU (name the model {name}-quickgelu to say so)",
+            stacklevel=2,
+        )
+        options["force_quick_gelu"] = True
+    if not load_weights:
+        if tag_config:
+            keys = ("mean", "std", "interpolation", "resize_mode")
+            options["force_preprocess_cfg"] = {k: tag_config[k] for k in keys if k in tag_config}
+            options["force_quick_gelu"] = bool(tag_config.get("quick_gelu", False)) or options.get(
+                "force_quick_gelu", False
+            )
+        weights = None
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, device=device, precision=precision)
+        model = open_clip.create_model(model_name, pretrained=weights, device=device, precision=precision, **options)
     except RuntimeError as error:
         if weights is not None and not Path(weights).is_file():
             raise RuntimeError(
@@ -88,5 +144,10 @@ def create_vlm(
             ) from error
         raise
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    try:
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except ImportError as error:  # Hugging Face tokenizers (SigLIP) need transformers, an extra
+        raise ImportError(
+            f"{name}'s tokenizer needs transformers ({error}): install the extra with pip install 'tta[siglip]'"
+        ) from error
     return VisionLanguageModel(model, tokenizer, dict(model.visual.preprocess_cfg), name).to(device)

@@ -5,6 +5,12 @@ the ``n_ctx`` positions that hold ``ctx_init`` are replaced by the learnable con
 the initial context the features equal ``encode_text`` of the plain prompts. The context may
 be batched (``B x n_ctx x W``: one context per image, adapted independently) and the text
 tower runs only up to the longest pooled position when its mask is causal.
+
+Under a causal mask the start token and the context are the same for every class, so their
+positions are computed once per context and every class's remaining positions attend to them
+(:meth:`tta.models.text_tower.TextTower.shared_prefix_features`): the same features up to float
+rounding, with ``(1 + n_ctx) / L`` of the text tower's token work done once instead of once per
+class. Towers without a causal mask (SigLIP) run every class prompt whole.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class PromptLearner:
         class_names: Sequence[str],
         ctx_init: str = "a photo of a",
         truncate: bool = True,
+        share_prefix: bool = True,
     ) -> None:
         self.vlm = vlm
         self.class_names = check_class_names(class_names)
@@ -63,6 +70,15 @@ class PromptLearner:
         self.suffix = embeddings[:, self.ctx_start + self.n_ctx :]  # C x rest x W (class name, eot, pad)
         self.initial_context = embeddings[0, self.ctx_start : self.ctx_start + self.n_ctx].clone()
         self.seq_len = length
+        # share_prefix=False runs every class prompt whole (the straightforward computation, for
+        # benchmarks); the prefix is shared only where that is exact: a causal tower, the same
+        # tokens before the context in every prompt, every pooled position after the context
+        self.shares_prefix = (
+            share_prefix
+            and tower.shares_prefix
+            and bool((self.prefix == self.prefix[:1]).all())
+            and int(self.pool_positions.min()) >= self.ctx_start + self.n_ctx
+        )
 
     @staticmethod
     def _context_ids(vlm: VisionLanguageModel, ctx_init: str) -> list[int]:
@@ -82,16 +98,21 @@ class PromptLearner:
         ctx = context if batched else context.unsqueeze(0)
         b, c = ctx.shape[0], self.prefix.shape[0]
         dtype = ctx.dtype
-        embeddings = torch.cat(
-            [
-                self.prefix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
-                ctx.unsqueeze(1).expand(-1, c, -1, -1),
-                self.suffix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
-            ],
-            dim=2,
-        ).flatten(0, 1)  # (B*C) x L x W
-        features = self.vlm.text_tower(embeddings, self.pool_positions.repeat(b), checkpoint=checkpoint)
-        features = F.normalize(features.float(), dim=-1).view(b, c, -1)
+        tower = self.vlm.text_tower
+        if self.shares_prefix:
+            shared = torch.cat([self.prefix[:1].to(dtype).expand(b, -1, -1), ctx], dim=1)  # B x (s + n_ctx) x W
+            features = tower.shared_prefix_features(shared, self.suffix.to(dtype), self.pool_positions, checkpoint)
+        else:
+            embeddings = torch.cat(
+                [
+                    self.prefix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
+                    ctx.unsqueeze(1).expand(-1, c, -1, -1),
+                    self.suffix.to(dtype).unsqueeze(0).expand(b, -1, -1, -1),
+                ],
+                dim=2,
+            ).flatten(0, 1)  # (B*C) x L x W
+            features = tower(embeddings, self.pool_positions.repeat(b), checkpoint=checkpoint).view(b, c, -1)
+        features = F.normalize(features.float(), dim=-1)
         return features if batched else features[0]
 
     def to(self, device: torch.device | str) -> PromptLearner:

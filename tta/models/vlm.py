@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn as nn
@@ -14,20 +15,31 @@ from tta.models.text_tower import TextTower
 
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:
-    """Class names as a list, or a clear error for an empty list, blanks or duplicates."""
+    """Class names as a list, or a clear error for an empty list or blanks.
+
+    Duplicates pass with a warning: the classes that share a name get the same text features (and
+    the first of them wins every tie), which is what CLIP and TPT do with ImageNet's "missile" and
+    "sunglasses"."""
     names = [str(n) for n in class_names]
     if not names:
         raise ValueError("class_names is empty: give at least two class names (or a data set that has them)")
     blank = [i for i, n in enumerate(names) if not n.strip()]
     if blank:
         raise ValueError(f"class_names has empty names at positions {blank}: every class needs a name")
-    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
+    duplicates = tuple(sorted(n for n, count in Counter(names).items() if count > 1))
     if duplicates:
-        raise ValueError(
-            f"class_names has duplicates {duplicates}: each class name must be unique, "
-            "or two classes get the same text features"
-        )
+        _warn_duplicates(duplicates)
     return names
+
+
+@cache
+def _warn_duplicates(duplicates: tuple[str, ...]) -> None:
+    """Once per process and list of duplicates (the names are checked by several layers)."""
+    warnings.warn(
+        f"class_names has duplicates {list(duplicates)}: the classes that share a name get the same text "
+        "features (as in CLIP's and TPT's ImageNet list; data.class_list=unique renames ImageNet's two)",
+        stacklevel=3,
+    )
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
@@ -62,8 +74,9 @@ def check_images(
 class VisionLanguageModel(nn.Module):
     """Image and text towers of an open_clip model behind one interface.
 
-    Images come in raw: float in [0, 1], ``B x 3 x H x W`` at the model's ``image_size``; the
-    wrapper applies the model's own mean/std normalisation. Class text features (one prompt
+    Images come in raw: float in [0, 1], ``B x 3 x H x W`` at the model's ``image_size``, resized
+    as :attr:`preprocessing` says (the datamodules do it); the wrapper applies the model's own
+    mean/std normalisation. Class text features (one prompt
     per template, ensembled by averaging normalised features) are cached and recomputed only
     when the class names, templates or device change.
     """
@@ -75,6 +88,8 @@ class VisionLanguageModel(nn.Module):
         self.name = name
         size = preprocess_cfg["size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.resize_mode: str = preprocess_cfg.get("resize_mode", "shortest")
+        self.interpolation: str = preprocess_cfg.get("interpolation", "bicubic")
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self._class_cache: dict[tuple, torch.Tensor] = {}
@@ -87,6 +102,12 @@ class VisionLanguageModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.mean.device
+
+    @property
+    def preprocessing(self) -> dict[str, int | str]:
+        """How images must be resized for this model (open_clip's ``preprocess_cfg``), as the
+        datamodules' ``image_size``, ``resize_mode`` and ``interpolation`` arguments."""
+        return {"image_size": self.image_size[0], "resize_mode": self.resize_mode, "interpolation": self.interpolation}
 
     @property
     def logit_scale(self) -> torch.Tensor:

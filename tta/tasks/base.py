@@ -19,3 +19,9 @@ class OverVLM:
     def input_size(self) -> int:
         """The image size the model expects: the default image (or cell) size of the data."""
         return self.vlm.image_size[0]
+
+    @property
+    def preprocessing(self) -> dict[str, int | str]:
+        """The model's own resizing: the defaults of the data's ``image_size``, ``resize_mode`` and
+        ``interpolation``."""
+        return self.vlm.preprocessing

@@ -33,8 +33,9 @@ def check_group_batch(batch: dict[str, Any]) -> None:
 
 
 def group_rows(scores: torch.Tensor, prefix: str = "") -> list[dict[str, Any]]:
-    """Per-group metric values (0/1, ``None`` where a metric does not apply) and the margin."""
-    scores = scores.float().cpu()
+    """Per-group metric values (0/1, ``None`` where a metric does not apply) and the margin, from
+    the scores in the precision they arrive in."""
+    scores = scores.detach().cpu()
     if scores.shape[1] == 1:  # 1 x k multiple choice: correct option minus the best other
         correct = multiple_choice_correct(scores[:, 0])
         others = scores[:, 0, 1:].amax(1)

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-from tta.methods.search import SearchResult, check_planner, planner_map, run_search, zero_shot_scores
+from tta.methods.search import CELL_MODES, SearchResult, check_planner, planner_map, run_search, zero_shot_scores
 from tta.models.vlm import VisionLanguageModel
 from tta.tasks.base import OverVLM
 
@@ -57,11 +57,14 @@ class SearchEpisodeRunner(OverVLM, pl.LightningModule):
         planner: "greedy" (information-following over the map) or "lawnmower" (a sweep that
             ignores the map).
         budget: moves per episode (the start cell is observed before the first move).
-        blur: blur the planner's map 5 x 5.
+        blur: blur the planner's map (5 x 5, sigma 1.1, reflected borders).
         discount: of the greedy planner's look-ahead value.
-        scale, bias: of the map's ``sigmoid(scale * cos + bias)`` (None: see
-            :func:`tta.methods.search.map_calibration`).
-        cell_batch_size: cells per image-tower call (speed only).
+        scale, bias: of the map's ``sigmoid(scale * cos + bias)`` (None: the reference's
+            ``1 / 0.07`` and no bias, or the model's own for a model with a logit bias;
+            ``bias="centred"``: see :func:`tta.methods.search.map_calibration`).
+        cell_batch_size: cell crops per image-tower call (speed only).
+        cells: "auto" (patch tokens of an open_clip ViT, one pass per map, as the reference; cell
+            crops through other towers), "tokens" or "crops" (see :class:`tta.methods.search.CellEncoder`).
 
     ``predict_step`` returns ``index``, ``domain`` and per episode (B long tensors) ``n_targets``,
     ``found`` and ``steps_first``/``steps_middle``/``steps_last`` (the step at which the first,
@@ -96,23 +99,33 @@ class SearchEpisodeRunner(OverVLM, pl.LightningModule):
         blur: bool = True,
         discount: float = 0.8,
         scale: float | None = None,
-        bias: float | None = None,
+        bias: float | str | None = None,
         cell_batch_size: int = 64,
+        cells: str = "auto",
     ) -> None:
         super().__init__()
         check_planner(planner)
+        if cells not in CELL_MODES:
+            raise ValueError(f"cells must be one of {CELL_MODES}, got {cells!r}")
         if budget < 1:
             raise ValueError(f"budget is the number of moves per episode, >= 1; got {budget}")
         if not 0 < discount < 1:
             raise ValueError(f"discount must be in (0, 1), got {discount}")
         self.vlm, self.planner, self.budget, self.blur, self.discount = vlm, planner, int(budget), blur, discount
-        self.scale, self.bias, self.cell_batch_size = scale, bias, cell_batch_size
+        self.scale, self.bias, self.cell_batch_size, self.cells = scale, bias, cell_batch_size, cells
 
     def search(self, batch: dict[str, Any], k: int) -> SearchResult:
         """Episode ``k`` of the batch, searched on the zero-shot map."""
         grid = tuple(int(g) for g in batch["grid"][k])
         scores = zero_shot_scores(
-            self.vlm, batch["image"][k], grid, episode_query(batch, k), self.scale, self.bias, self.cell_batch_size
+            self.vlm,
+            batch["image"][k],
+            grid,
+            episode_query(batch, k),
+            self.scale,
+            self.bias,
+            self.cell_batch_size,
+            self.cells,
         )
         start = tuple(int(s) for s in batch["start"][k])
         return run_search(

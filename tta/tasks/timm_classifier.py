@@ -102,6 +102,14 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
         )
         #: The size the model was trained at: the default image size of the data.
         self.input_size: int = int(data_config["input_size"][-1])
+        #: The model's resizing (timm's data config) as the datamodules' arguments. timm's
+        #: ``crop_pct`` (resize to size / crop_pct, then crop) is not applied: the shorter side is
+        #: resized to the input size, as for CLIP.
+        self.preprocessing: dict[str, int | str] = {
+            "image_size": self.input_size,
+            "resize_mode": "squash" if data_config.get("crop_mode") == "squash" else "shortest",
+            "interpolation": data_config.get("interpolation", "bicubic"),
+        }
 
     @property
     def model_name(self) -> str:

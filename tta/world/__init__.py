@@ -9,7 +9,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torchvision.transforms.v2.functional as TF
 
 from tta.world.scenes import (
     CAPTION_TEMPLATES,
@@ -39,7 +38,6 @@ __all__ = [
     "Scenes",
     "Shift",
     "Style",
-    "model_input",
     "render_domain",
     "render_pairs",
     "render_shifted",
@@ -69,15 +67,3 @@ def render_shifted(name: str, shift: Shift, severity: int, n: int, seed: int, si
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     scenes.images = shift.apply(scenes.images, severity, g, scale=size / REFERENCE_SIZE)
     return scenes
-
-
-def model_input(originals: torch.Tensor, size: int) -> torch.Tensor:
-    """Model inputs from originals (``N x 3 x H x W``, uint8 or float in [0, 1]): the shorter side
-    resized to ``size`` (bicubic, antialiased) and the centre ``size x size`` cropped, as real
-    images are prepared (``ImageFolderDataModule``); float in [0, 1]."""
-    images = originals.float() / 255 if originals.dtype == torch.uint8 else originals
-    if tuple(images.shape[-2:]) != (size, size):
-        images = TF.center_crop(
-            TF.resize(images, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), size
-        )
-    return images.clamp(0, 1)

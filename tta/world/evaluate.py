@@ -25,20 +25,28 @@ import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 
+from tta.datamodules.preprocess import Preprocess
 from tta.methods.views import confident_view_average
 from tta.metrics import classification_metrics
 from tta.models.factory import create_vlm
 from tta.models.vlm import VisionLanguageModel
-from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, SHIFTS, model_input, render_domain, render_shifted
+from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, SHIFTS, render_domain, render_shifted
 from tta.world.scenes import Scenes
 
-DEFAULT_MODEL = "tta-world-vit"
+DEFAULT_MODEL = "tta-world-resnet"
 TEMPLATES = ("a photo of a {}.",)
 
 
 def _originals(scenes: Scenes) -> torch.Tensor:
     """The originals as the datamodule stores them: uint8."""
     return (scenes.images * 255).round().to(torch.uint8)
+
+
+def _model_inputs(originals: torch.Tensor, size: int) -> torch.Tensor:
+    """The model inputs made from uint8 originals as the datamodule makes them (shortest side
+    resized, bicubic, centre crop)."""
+    preprocess = Preprocess(size)
+    return torch.stack([preprocess(original) for original in originals])
 
 
 @torch.no_grad()
@@ -60,7 +68,7 @@ def knn_agreement(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> f
 
 
 def _domain_row(vlm: VisionLanguageModel, scenes: Scenes) -> dict:
-    images = model_input(_originals(scenes), vlm.image_size[0])
+    images = _model_inputs(_originals(scenes), vlm.image_size[0])
     logits, features = _zero_shot(vlm, images)
     probs = logits.softmax(-1)
     confidence, pred = probs.max(-1)
@@ -82,7 +90,7 @@ def view_baseline(vlm: VisionLanguageModel, scenes: Scenes, n_views: int = 64, s
     torch.manual_seed(seed)  # torchvision's transforms draw from the global generator
     correct, in_view = 0, []
     for original, label, box in zip(originals, scenes.labels, scenes.boxes):
-        views, shown = [model_input(original[None], size)[0]], []
+        views, shown = [_model_inputs(original[None], size)[0]], []
         for _ in range(n_views - 1):
             p = crop.make_params([original])
             view = TF.resized_crop(original, p["top"], p["left"], p["height"], p["width"], [size, size], antialias=True)

@@ -2,7 +2,7 @@
 
     python -m tta.world.train_clip --out tta/assets/tta-world-vit
     python -m tta.world.train_clip --out tta/assets/tta-world-resnet --tower resnet
-    python -m tta.world.train_clip --out tta/assets/tta-world-vit-siglip --loss sigmoid
+    python -m tta.world.train_clip --out tta/assets/tta-world-resnet-siglip --loss sigmoid
 
 Seeded end to end (scenes, crops, caption noise, initialisation, batch order). Every step draws
 a fresh batch of clean scenes (75% object-centric single objects, 25% two objects with a
