@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# Every method's effect on the offline world, with the commands a user types (issue 15's final
-# measurement; run it once views are cropped from the originals and Search-TTA reads the ViT's
-# patch tokens). Writes everything under OUT (default multirun/world_effects):
+# Every method's effect on the offline world, with the commands a user types. Writes everything
+# under OUT (default multirun/world_effects); PARTS picks the parts (default "1 2 3 4 5"), so two
+# shells can share a 2-core machine (PARTS="1 2 5" in one, PARTS="3 4" in the other):
 #
 #   benchmarks/world_effects.sh [OUT]              # the full measurement (CPU time: docs/world.md)
 #   SMOKE=1 benchmarks/world_effects.sh /tmp/we    # tiny sizes: every command runs, in minutes
 #
-# 1. shifts/: tta=none,views,tpt,sts,difftpt on clean + the six shifts at severity 3, N scenes per
-#    domain, seeds 0,1,2 (DiffTPT with the tiny RANDOM image-variation pipeline, 2 denoising
-#    steps: plumbing and cost only, its views are noise); then tta-report.
+# 1. shifts/: tta=none,views,tpt,sts on clean + the six shifts at severity 3, N scenes per domain,
+#    seeds 0,1,2; then tta-report.
 # 2. streams/: zero-shot, LAME and STS+LAME on the iid, sorted and Dirichlet(0.1) streams
 #    (batch 64), same seeds; then tta-report.
-# 3. ttm_*.md: TTM on the world's compositional groups, raw and after TTM, for the default ViT
+# 3. ttm_*.md: TTM on the world's compositional groups, raw and after TTM, for the default model
 #    (InfoNCE) and its SigLIP-style twin (sigmoid loss), benchmarks/ttm_world.py.
-# 4. search_world.md: Search-TTA over EPISODES search episodes, benchmarks/search_world.py.
+# 4. search_world.md: Search-TTA over EPISODES search episodes on the ViT's patch tokens,
+#    benchmarks/search_world.py.
+# 5. difftpt/: DiffTPT beside TPT on DIFF_N scenes per domain, seed 0, with the tiny RANDOM
+#    image-variation pipeline (2 denoising steps; no generator trained on the world exists): the
+#    plumbing and cost of the full method, not its effect (its diffusion views are noise). Its
+#    views are generated inline, ~1.7 s per image on one CPU thread, hence the smaller N.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-multirun/world_effects}
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  N=4 SEEDS=0 EPISODES=2 BATCH=4 TTM_ARGS=(--sweep-n 4 --n-per-cell 4 --epochs 1)
+  N=4 DIFF_N=2 SEEDS=0 EPISODES=2 BATCH=4 TTM_ARGS=(--sweep-n 4 --n-per-cell 4 --epochs 1)
 else
-  N=500 SEEDS=0,1,2 EPISODES=200 BATCH=64 TTM_ARGS=()
+  N=${N:-200} DIFF_N=${DIFF_N:-50} SEEDS=0,1,2 EPISODES=${EPISODES:-200} BATCH=64 TTM_ARGS=()
 fi
+PARTS=${PARTS:-1 2 3 4 5}
 # one thread per process: on a small shared CPU a second intra-op thread mostly waits
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 TINY_DIFFUSION=(
@@ -32,21 +37,36 @@ TINY_DIFFUSION=(
 start=$(date +%s)
 step() { echo "[$(($(date +%s) - start)) s] $*"; }
 
-step "1/4 episodic methods over the six shifts"
-tta-predict -m tta=none,views,tpt,sts,difftpt "${TINY_DIFFUSION[@]}" seed="$SEEDS" data.n_per_domain="$N" \
-  data.batch_size="$BATCH" print_table=false hydra.sweep.dir="$OUT/shifts"
-tta-report "$OUT/shifts"
-
-step "2/4 LAME and STS+LAME on realistic streams"
-tta-predict -m 'tta=none,lame,[sts,lame]' data.stream=iid,sorted,dirichlet seed="$SEEDS" data.n_per_domain="$N" \
-  data.batch_size="$BATCH" print_table=false hydra.sweep.dir="$OUT/streams"
-tta-report "$OUT/streams"
-
-step "3/4 TTM on the compositional groups"
-python benchmarks/ttm_world.py --model tta-world-vit --out "$OUT/ttm_world_vit.md" "${TTM_ARGS[@]}"
-python benchmarks/ttm_world.py --model tta-world-resnet-siglip --out "$OUT/ttm_world_vit_siglip.md" "${TTM_ARGS[@]}"
-
-step "4/4 Search-TTA over $EPISODES episodes"
-python benchmarks/search_world.py --episodes "$EPISODES" --out "$OUT/search_world.md"
+if [[ " $PARTS " == *" 1 "* ]]; then
+  step "1 episodic methods over the six shifts"
+  tta-predict -m tta=none,views,tpt,sts seed="$SEEDS" data.n_per_domain="$N" \
+    data.batch_size="$BATCH" print_table=false hydra.sweep.dir="$OUT/shifts"
+  tta-report "$OUT/shifts"
+fi
+if [[ " $PARTS " == *" 2 "* ]]; then
+  step "2 LAME and STS+LAME on realistic streams"
+  tta-predict -m 'tta=none,lame,[sts,lame]' data.stream=iid,sorted,dirichlet seed="$SEEDS" \
+    data.n_per_domain="$N" data.batch_size="$BATCH" print_table=false hydra.sweep.dir="$OUT/streams"
+  tta-report "$OUT/streams"
+fi
+if [[ " $PARTS " == *" 3 "* ]]; then
+  step "3 TTM on the compositional groups"
+  python benchmarks/ttm_world.py --model tta-world-resnet --out "$OUT/ttm_world.md" "${TTM_ARGS[@]}"
+  python benchmarks/ttm_world.py --model tta-world-resnet-siglip --out "$OUT/ttm_world_siglip.md" "${TTM_ARGS[@]}"
+fi
+if [[ " $PARTS " == *" 4 "* ]]; then
+  step "4 Search-TTA over $EPISODES episodes"
+  python benchmarks/search_world.py --episodes "$EPISODES" --out "$OUT/search_world.md"
+fi
+if [[ " $PARTS " == *" 5 "* ]]; then
+  step "5 DiffTPT (tiny random generator) beside TPT"
+  for method in tpt difftpt; do
+    extra=()
+    [[ $method == difftpt ]] && extra=("${TINY_DIFFUSION[@]}")
+    tta-predict -m tta="$method" "${extra[@]}" seed=0 data.n_per_domain="$DIFF_N" data.batch_size="$BATCH" \
+      print_table=false hydra.sweep.dir="$OUT/difftpt/$method"
+  done
+  tta-report "$OUT/difftpt"
+fi
 
 step "done: $OUT"

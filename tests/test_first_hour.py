@@ -107,7 +107,7 @@ def test_every_experiment_card_states_its_run_time():
 
 
 def _metrics(domains: dict[str, dict], **overall) -> dict:
-    return {"method": "sts+lame", "model": "tta-world-clip", "data": "world_groups", "seed": 0,
+    return {"method": "sts+lame", "model": "tta-world-resnet", "data": "world_groups", "seed": 0,
             "peak_mem_mb": 1234.0, "adapt_ms_per_sample": 12.5, "skipped_images": 3,
             "run": {"torch_threads": 2}, "domains": domains, **overall}  # fmt: skip
 
@@ -179,7 +179,7 @@ def test_a_resumed_run_says_where_it_resumes(tmp_path, caplog):
     def run(armed):
         stop = StopAfterOneBatch()
         stop.armed = armed
-        vlm = create_vlm("tta-world-clip")
+        vlm = create_vlm("tta-world-resnet")
         data = WorldDataModule(domains=["clean"], n_per_domain=30, batch_size=8)
         trainer = pl.Trainer(logger=False, callbacks=[stop, PredictionWriter(tmp_path, seed=0)],
                              enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

@@ -393,7 +393,7 @@ def test_tpt_step_under_fp16_with_the_loss_scaler(device):
     from tta.methods.tpt import tpt_adapt
     from tta.world import CLASS_NAMES, render_single
 
-    vlm = create_vlm("tta-world-clip", device=device)
+    vlm = create_vlm("tta-world-resnet", device=device)
     prompt = PromptLearner(vlm, CLASS_NAMES).to(device)
     images = render_single(4, seed=5).images.to(device)
     with torch.no_grad():

@@ -231,7 +231,7 @@ def test_one_grad_scaler_for_the_whole_run_under_fp16(monkeypatch):
     monkeypatch.setattr(tpt_callback, "tpt_adapt", spy)
     from tta.world import CLASS_NAMES
 
-    world_module = ZeroShotClassifier(create_vlm("tta-world-clip"), class_names=list(CLASS_NAMES))
+    world_module = ZeroShotClassifier(create_vlm("tta-world-resnet"), class_names=list(CLASS_NAMES))
     callback = TPT(n_views=4, seed=0, images_per_step=1)
     callback.on_predict_start(SimpleNamespace(precision="16-mixed"), world_module)
     assert isinstance(callback.grad_scaler, torch.amp.GradScaler) and callback.grad_scaler.get_scale() == 1000

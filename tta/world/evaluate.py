@@ -9,9 +9,9 @@ stores them) and resized + centre-cropped to the model input as real images are.
 (clean, and every shift at the severity): zero-shot accuracy ("a photo of a {}."), top-label
 ECE (15 bins, as ``tta-predict`` reports it) and the 5-NN label agreement of the image features
 (how well the features cluster by class, what batch methods such as LAME rely on). On clean,
-the augmentation-only baseline: the original plus 63 views cropped from the original by
-torchvision's ``v2.RandomResizedCrop(size, scale=(0.08, 1))`` + horizontal flip, the 10% most
-confident averaged (as ``tta=views`` does). Below the table: how much of the image the main
+the augmentation-only baseline, by the code ``tta=views`` runs: the model input plus 63 views
+cropped from the original (torchvision's RandomResizedCrop boxes, scale 0.08-1, + horizontal
+flip), the 10% most confident averaged. Below the table: how much of the image the main
 object's box covers, and the share of those crops that keep a quarter of it in view.
 """
 
@@ -22,9 +22,8 @@ import dataclasses
 import json
 
 import torch
-import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as TF
 
+from tta.augment.views import crop_boxes, make_views
 from tta.datamodules.preprocess import Preprocess
 from tta.methods.views import confident_view_average
 from tta.metrics import classification_metrics
@@ -80,30 +79,26 @@ def _domain_row(vlm: VisionLanguageModel, scenes: Scenes) -> dict:
 
 @torch.no_grad()
 def view_baseline(vlm: VisionLanguageModel, scenes: Scenes, n_views: int = 64, seed: int = 0) -> dict:
-    """Accuracy of the augmentation-only baseline (the original + ``n_views - 1`` crops of the
-    original, the 10% most confident averaged), and the share of crops keeping at least a
-    quarter of the main object's box."""
+    """Accuracy of the augmentation-only baseline, made as ``tta=views`` makes it (the model input
+    + ``n_views - 1`` crops of the original by :func:`tta.augment.make_views`, scene ``k`` drawing
+    from seed ``seed + k``; the 10% most confident averaged), and the share of crops keeping at
+    least a quarter of the main object's box."""
     size = vlm.image_size[0]
-    crop = v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)
     text = vlm.class_text_features(CLASS_NAMES, TEMPLATES)
     originals = _originals(scenes)
-    torch.manual_seed(seed)  # torchvision's transforms draw from the global generator
+    images = _model_inputs(originals, size)
     correct, in_view = 0, []
-    for original, label, box in zip(originals, scenes.labels, scenes.boxes):
-        views, shown = [_model_inputs(original[None], size)[0]], []
-        for _ in range(n_views - 1):
-            p = crop.make_params([original])
-            view = TF.resized_crop(original, p["top"], p["left"], p["height"], p["width"], [size, size], antialias=True)
-            views.append(TF.horizontal_flip(view) if torch.rand(()) < 0.5 else view)
-            overlap_x = min(box[2], p["left"] + p["width"]) - max(box[0], p["left"])
-            overlap_y = min(box[3], p["top"] + p["height"]) - max(box[1], p["top"])
-            box_area = (box[2] - box[0]) * (box[3] - box[1])
-            shown.append(max(overlap_x, 0) * max(overlap_y, 0) / box_area)
-        batch = torch.stack([v if v.is_floating_point() else v.float() / 255 for v in views]).clamp(0, 1)
-        logits = vlm.logits(vlm.encode_image(batch), text)
-        averaged, _ = confident_view_average(logits[None])
+    for k, (original, image, label, box) in enumerate(zip(originals, images, scenes.labels, scenes.boxes)):
+        views = make_views([original], image[None], n_views, [seed + k])[0]
+        averaged, _ = confident_view_average(vlm.logits(vlm.encode_image(views), text)[None])
         correct += int(averaged.argmax(-1).item() == label.item())
-        in_view.append((torch.tensor(shown) >= 0.25).float().mean())
+        # the same boxes make_views cut: the first draw of the scene's generator
+        boxes, _ = crop_boxes(torch.Generator().manual_seed(seed + k), n_views - 1, *original.shape[1:])
+        left, top, width, height = boxes.unbind(1)
+        overlap_x = (torch.minimum(box[2], left + width) - torch.maximum(box[0], left)).clamp(min=0)
+        overlap_y = (torch.minimum(box[3], top + height) - torch.maximum(box[1], top)).clamp(min=0)
+        shown = overlap_x * overlap_y / ((box[2] - box[0]) * (box[3] - box[1]))
+        in_view.append((shown >= 0.25).float().mean())
     return {
         "n": len(originals),
         "accuracy": correct / len(originals),
