@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=20_000)
     parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--grid", type=int, default=16, help="cells per side (8 for tta-world-vit's token grid)")
     parser.add_argument("--domain", default="clean")
     parser.add_argument(
         "--with-reference-lr",
@@ -79,7 +80,7 @@ def main() -> None:
         help="add the world option (centred map, lr ramp over the budget) and its unadapted map",
     )
     parser.add_argument(
-        "--model", default="tta-world-vit", help="the map's model (the ViT: patch tokens score the cells)"
+        "--model", default="tta-world-resnet", help="the map's model (tta-world-vit: patch tokens, with --grid 8)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_world.md")
     parser.add_argument(
@@ -100,8 +101,9 @@ def main() -> None:
     vlm = create_vlm(args.model)
     runners = {name: SearchEpisodeRunner(vlm, budget=args.budget, **runner) for name, (runner, _, _) in ARMS.items()}
     callbacks = {name: SearchTTA(seed=0, **tta) for name, (_, tta, _) in ARMS.items() if tta}
+    world = SearchWorld(rows=args.grid, cols=args.grid)
     episodes = WorldEpisodes(
-        [args.seed + k for k in range(args.episodes)], [args.domain] * args.episodes, 3, SearchWorld(), "text"
+        [args.seed + k for k in range(args.episodes)], [args.domain] * args.episodes, 3, world, "text"
     )
     rows = []
     started = time.perf_counter()
@@ -192,7 +194,7 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
         "",
         f"`python benchmarks/search_world.py --episodes {args.episodes}{flags}` "
         f"(seeds {args.seed}-{args.seed + len(rows) - 1}; "
-        f"16 x 16 cells of 64 px, budget {args.budget} moves from the top-left cell, {args.model}, "
+        f"{args.grid} x {args.grid} cells of 64 px, budget {args.budget} moves from the top-left cell, {args.model}, "
         f"1 CPU thread; whole run {total_s / 60:.1f} min, load average at the end {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores).",
         "",

@@ -12,8 +12,8 @@
 #    (batch 64), same seeds; then tta-report.
 # 3. ttm_*.md: TTM on the world's compositional groups, raw and after TTM, for the default model
 #    (InfoNCE) and its SigLIP-style twin (sigmoid loss), benchmarks/ttm_world.py.
-# 4. search_world.md: Search-TTA over EPISODES search episodes on the ViT's patch tokens,
-#    benchmarks/search_world.py.
+# 4. search_world*.md: Search-TTA over EPISODES search episodes, benchmarks/search_world.py: the
+#    default model scoring cell crops (16 x 16 grid), and the ViT's patch tokens (8 x 8 grid).
 # 5. difftpt/: DiffTPT beside TPT on DIFF_N scenes per domain, seed 0, with the tiny RANDOM
 #    image-variation pipeline (2 denoising steps; no generator trained on the world exists): the
 #    plumbing and cost of the full method, not its effect (its diffusion views are noise). Its
@@ -57,6 +57,9 @@ fi
 if [[ " $PARTS " == *" 4 "* ]]; then
   step "4 Search-TTA over $EPISODES episodes"
   python benchmarks/search_world.py --episodes "$EPISODES" --out "$OUT/search_world.md"
+  # the ViT's patch tokens score the cells: one token per cell, so its 8 x 8 token grid
+  python benchmarks/search_world.py --model tta-world-vit --grid 8 --budget 16 --episodes "$EPISODES" \
+    --out "$OUT/search_world_vit_tokens.md"
 fi
 if [[ " $PARTS " == *" 5 "* ]]; then
   step "5 DiffTPT (tiny random generator) beside TPT"
