@@ -257,3 +257,31 @@ def test_report_tabulates_the_task_headline(tmp_path):
     assert "60.0 ± 14.1" in row and "30.0 ± 7.1" in row and "| - |" in row  # clean, noise (= shifted mean), no ECE
     assert "shifted mean (group_score)" in table
     assert written == ["report.md", "report.png"]
+
+
+def test_report_keeps_stream_orders_apart(tmp_path):
+    """A sweep over data.stream gets one row per stream: LAME on a sorted stream is not a seed of
+    LAME on an i.i.d. one."""
+    from tta.report import report
+
+    for k, (order, accuracy) in enumerate((("iid", 0.4), ("sorted", 0.6), ("iid", 0.5), ("sorted", 0.8))):
+        run = tmp_path / str(k)
+        run.mkdir()
+        metrics = {
+            "method": "lame",
+            "model": "m",
+            "data": "world",
+            "seed": k // 2,
+            "n": 2,
+            "accuracy": accuracy,
+            "ms_per_sample": 1.0,
+            "peak_mem_mb": 10.0,
+            "domains": {"clean": {"n": 2, "accuracy": accuracy}},
+            "run": {"config": {"data": {"stream": order}}},
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    table, _ = report(tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith("| lame")]
+    assert len(rows) == 2
+    assert "world (iid stream)" in rows[0] and "45.0 ± 7.1" in rows[0]
+    assert "world (sorted stream)" in rows[1] and "70.0 ± 14.1" in rows[1]

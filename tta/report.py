@@ -2,7 +2,8 @@
 
 Reads the ``metrics.json`` files under ``DIR`` (and, for reliability diagrams, the
 ``predictions.csv`` beside them). Runs that differ only by ``seed`` are grouped: each cell is
-the mean over seeds, with the standard deviation when there are several. Writes into ``DIR``:
+the mean over seeds, with the standard deviation when there are several; runs over several
+stream orders (``data.stream``) are grouped per stream. Writes into ``DIR``:
 
 - ``report.md``: one row per method (and model, data, severity), one column per domain, then
   the mean over the shifted domains, ECE, ms per sample and peak memory;
@@ -78,7 +79,20 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(
             f"no readable metrics.json under {directory}{hint}: point tta-report at a run or multirun directory"
         )
-    return runs
+    return label_streams(runs)
+
+
+def stream(run: dict[str, Any]) -> Any:
+    return run.get("run", {}).get("config", {}).get("data", {}).get("stream")
+
+
+def label_streams(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs over more than one stream order (``data.stream``: iid, sorted, dirichlet) name it in
+    their ``data`` ("world (sorted stream)"), so that each stream gets its own rows instead of
+    being averaged with the others as if it were a seed."""
+    if len({stream(run) for run in runs}) < 2:
+        return runs
+    return [run | {"data": f"{run['data']} ({stream(run)} stream)"} if stream(run) else run for run in runs]
 
 
 def unfinished_runs(directory: Path) -> dict[Path, int | None]:
