@@ -110,7 +110,7 @@ def main() -> None:
     for k in range(args.episodes):
         batch = collate_episodes([episodes[k]])
         with torch.no_grad():
-            scores = zero_shot_scores(vlm, batch["image"][0], (16, 16), episode_query(batch, 0))
+            scores = zero_shot_scores(vlm, batch["image"][0], (args.grid, args.grid), episode_query(batch, 0))
         counts = batch["counts"][0]
         row = {
             "episode": k,
@@ -184,7 +184,8 @@ def merged_pairs(paths: list[Path]) -> list[str]:
 
 def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> str:
     names = list(ARMS)
-    flags = "".join(
+    options = (("--model", args.model, "tta-world-resnet"), ("--grid", args.grid, 16), ("--budget", args.budget, 64))
+    flags = "".join(f" {flag} {value}" for flag, value, default in options if value != default) + "".join(
         f" {flag}"
         for flag, on in (("--with-reference-lr", args.with_reference_lr), ("--with-centred", args.with_centred))
         if on
@@ -200,7 +201,7 @@ def make_report(rows: list[dict], args: argparse.Namespace, total_s: float) -> s
         "",
         "Fraction found: per episode, targets found within the budget / targets in the episode; mean +- std over "
         "episodes. ms / update: median wall time of one update (reset, forward and backward on the visited "
-        "cells, Adam step, re-encoding all 256 cells); CPU ms / update: the process CPU time of the whole "
+        f"cells, Adam step, re-encoding all {args.grid**2} cells); CPU ms / update: the process CPU time of the whole "
         "adapted episode (session set-up and planning included) per update, median over episodes: the cost on "
         "an unshared core (the wall time was measured on a 2-core machine shared with other jobs, load average "
         "in the header). Steps: mean over the episodes that reached that target (how many in brackets). "
