@@ -97,7 +97,7 @@ class WorldDataModule(StreamDataModule):
         renders, labels, domains = [], [], []
         for domain in self.domains:
             scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed, size=self.render_size)
-            renders.append((scenes.images * 255).round().to(torch.uint8))
+            renders.append(scenes.originals())
             labels.append(scenes.labels)
             domains += [domain] * self.n_per_domain
         self.dataset = TensorDictDataset(torch.cat(renders), torch.cat(labels), domains, self.preprocess)

@@ -36,15 +36,10 @@ DEFAULT_MODEL = "tta-world-resnet"
 TEMPLATES = ("a photo of a {}.",)
 
 
-def _originals(scenes: Scenes) -> torch.Tensor:
-    """The originals as the datamodule stores them: uint8."""
-    return (scenes.images * 255).round().to(torch.uint8)
-
-
-def _model_inputs(originals: torch.Tensor, size: int) -> torch.Tensor:
-    """The model inputs made from uint8 originals as the datamodule makes them (shortest side
-    resized, bicubic, centre crop)."""
-    preprocess = Preprocess(size)
+def _model_inputs(vlm: VisionLanguageModel, originals: torch.Tensor) -> torch.Tensor:
+    """The model inputs made from uint8 originals as ``tta-predict`` makes them: by the model's
+    own preprocessing (size, resize mode, interpolation)."""
+    preprocess = Preprocess(vlm.image_size[0], vlm.resize_mode, vlm.interpolation)
     return torch.stack([preprocess(original) for original in originals])
 
 
@@ -67,7 +62,7 @@ def knn_agreement(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> f
 
 
 def _domain_row(vlm: VisionLanguageModel, scenes: Scenes) -> dict:
-    images = _model_inputs(_originals(scenes), vlm.image_size[0])
+    images = _model_inputs(vlm, scenes.originals())
     logits, features = _zero_shot(vlm, images)
     probs = logits.softmax(-1)
     confidence, pred = probs.max(-1)
@@ -83,10 +78,9 @@ def view_baseline(vlm: VisionLanguageModel, scenes: Scenes, n_views: int = 64, s
     + ``n_views - 1`` crops of the original by :func:`tta.augment.make_views`, scene ``k`` drawing
     from seed ``seed + k``; the 10% most confident averaged), and the share of crops keeping at
     least a quarter of the main object's box."""
-    size = vlm.image_size[0]
     text = vlm.class_text_features(CLASS_NAMES, TEMPLATES)
-    originals = _originals(scenes)
-    images = _model_inputs(originals, size)
+    originals = scenes.originals()
+    images = _model_inputs(vlm, originals)
     correct, in_view = 0, []
     for k, (original, image, label, box) in enumerate(zip(originals, images, scenes.labels, scenes.boxes)):
         views = make_views([original], image[None], n_views, [seed + k])[0]

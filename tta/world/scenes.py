@@ -67,6 +67,10 @@ class Scenes:
     canonical: list[str]  # template-free caption: equal strings describe the same scene content
     boxes: torch.Tensor  # N x 4 float: x0, y0, x1, y1 (pixels, end exclusive) of the first object
 
+    def originals(self) -> torch.Tensor:
+        """The images as a decoded file holds them (uint8), as the datamodule stores them."""
+        return (self.images * 255).round().to(torch.uint8)
+
 
 def _circle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(u * u + v * v) - 0.95
