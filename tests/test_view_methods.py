@@ -218,6 +218,28 @@ def test_views_are_cropped_from_the_image_as_loaded_and_reach_its_outer_ring():
     assert not (from_image[1:, 0] > 0.5).any()
 
 
+def test_view_callbacks_crop_from_the_batch_original_not_the_model_input():
+    """The callbacks' shared view encoder (TPT, STS, the views baseline, DiffTPT's conventional
+    views) hands the batch's ``original`` to ``make_views``: with the ring only in the original,
+    the encoded views show it."""
+    from types import SimpleNamespace
+
+    from tta.callbacks import ViewAverage
+
+    encoded = []
+
+    def encode_image(views: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        encoded.append(views)
+        return torch.zeros(len(views), 4)
+
+    callback = ViewAverage(n_views=16)
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, 2] = 1  # the model's input: the blue centre only
+    callback.encode_views(SimpleNamespace(vlm=SimpleNamespace(encode_image=encode_image)), [ringed_image()], image, [0])
+    (views,) = encoded
+    assert (views[1:, 0] > 0.5).flatten(1).any(1).float().mean() > 0.5  # most crops reach the red ring
+
+
 @pytest.mark.parametrize("size", [(300, 400), (64, 64), (500, 120)])
 def test_crops_match_torchvision_random_resized_crop_on_the_same_box(size):
     """The project's views equal torchvision's RandomResizedCrop (bilinear, antialiased) + flip
