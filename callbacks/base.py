@@ -25,6 +25,7 @@ what per-sample methods need, so that a method only writes :meth:`EpisodicTTA.ad
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -37,6 +38,9 @@ from typing_extensions import override
 
 from tta.augment import VIEW_KINDS, make_views
 from tta.datamodules.preprocess import ORIGINAL
+from tta.validation import OptionError, check_finite, check_number
+
+log = logging.getLogger(__name__)
 
 #: trainer.precision -> autocast dtype; "-true" precisions cast the weights instead.
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -55,9 +59,31 @@ class TTACallback(pl.Callback):
     unadapted ones (``logits_zs``, ``probs_zs``) when methods are stacked, and adds each
     sample's share of the wall time to ``adapt_ms``. Callbacks run in list order, so a stack
     such as ``[STS, LAME]`` hands STS's outputs to LAME.
+
+    Logits that are NaN or infinite stop the run (:class:`~tta.validation.NonFiniteError`) with
+    one line naming the method, the batch, the samples and the method's ``likely_settings``
+    (e.g. TPT's ``lr``), before any of the batch's rows are written. A ``batch_level`` method
+    (one that adapts each batch as a whole, LAME) says at the start when the stream is i.i.d.,
+    where it is not meant to help.
     """
 
     method_name = "tta"
+    #: The options that most likely made non-finite logits (named in the error).
+    likely_settings: tuple[str, ...] = ()
+    #: Whether the method adapts each batch as a whole (its result depends on the stream's order).
+    batch_level = False
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.batch_level and getattr(datamodule, "stream", None) == "iid":
+            log.warning(
+                "note: %s adapts each batch of %s samples as one neighbourhood and is meant for non-i.i.d. "
+                "streams; on this i.i.d. stream (data.stream=iid) it usually lowers accuracy: see data.stream "
+                "(sorted, dirichlet)",
+                self.method_name,
+                getattr(datamodule, "batch_size", "?"),
+            )
 
     @override
     def on_predict_batch_end(
@@ -78,6 +104,7 @@ class TTACallback(pl.Callback):
         logits = self.process_batch(pl_module, outputs, batch)
         self._synchronize(device)
         elapsed_ms = (time.perf_counter() - start) * 1000
+        check_finite(logits, batch["index"], self.method_name, trainer, batch_idx, self.non_finite_hint())
         outputs.setdefault("logits_zs", outputs["logits"])
         outputs.setdefault("probs_zs", outputs["probs"])
         outputs["logits"] = logits.detach().to(outputs["logits"].dtype)
@@ -89,6 +116,16 @@ class TTACallback(pl.Callback):
     ) -> torch.Tensor:
         """The batch's adapted logits (``B x C``)."""
         raise NotImplementedError
+
+    def non_finite_hint(self) -> str:
+        """What to change when the method's logits are not finite."""
+        settings = " or ".join(
+            f"{name} (now {getattr(self, name)!r}; tta.callbacks.{self.method_name}.{name})"
+            for name in self.likely_settings
+        )
+        if settings:
+            return f"lower {settings}, or run in full precision (trainer.precision=32-true)"
+        return "run in full precision (trainer.precision=32-true), or check the model's weights"
 
     @staticmethod
     def _synchronize(device: torch.device) -> None:
@@ -120,14 +157,12 @@ class EpisodicTTA(TTACallback):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if n_views < 1:
-            raise ValueError(f"n_views must be >= 1 (the original image counts as one), got {n_views}")
+        check_number("n_views", n_views, 1, integer=True)  # the original image counts as one
         if views not in VIEW_KINDS:
-            raise ValueError(f"views must be one of {VIEW_KINDS}, got {views!r}")
-        if images_per_step < 1:
-            raise ValueError(f"images_per_step must be >= 1, got {images_per_step}")
-        if view_batch_size < 1:
-            raise ValueError(f"view_batch_size must be >= 1, got {view_batch_size}")
+            raise OptionError("views", f"must be one of {VIEW_KINDS}, got {views!r}")
+        check_number("images_per_step", images_per_step, 1, integer=True)
+        check_number("view_batch_size", view_batch_size, 1, integer=True)
+        check_number("seed", seed, integer=True, optional=True)
         self.n_views, self.views, self.images_per_step, self.seed = n_views, views, images_per_step, seed
         self.view_batch_size = view_batch_size
         self._run_seed = 0
@@ -137,6 +172,7 @@ class EpisodicTTA(TTACallback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
         if not hasattr(pl_module, "vlm") or not hasattr(pl_module, "text_features"):
             raise TypeError(
                 f"{type(self).__name__} adapts a vision-language classifier: use "

@@ -13,6 +13,7 @@ from tta.augment.diffusion import DiffusionViewGenerator
 from tta.callbacks.base import EpisodicTTA, sample_seed
 from tta.methods.difftpt import COSINE_READINGS, difftpt_adapt
 from tta.models.prompt import PromptLearner
+from tta.validation import check_number
 
 
 class DiffTPT(EpisodicTTA):
@@ -36,6 +37,7 @@ class DiffTPT(EpisodicTTA):
     """
 
     method_name = "difftpt"
+    likely_settings = ("lr",)
 
     def __init__(
         self,
@@ -61,12 +63,11 @@ class DiffTPT(EpisodicTTA):
             raise TypeError(
                 f"generator must be a tta.augment.diffusion.DiffusionViewGenerator, got {type(generator).__name__}"
             )
-        if lr <= 0 or steps < 1:
-            raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
-        if not 0 < cosine_fraction <= 1 or not 0 < selection <= 1:
-            raise ValueError(
-                f"cosine_fraction and selection are kept fractions, in (0, 1]; got {cosine_fraction} and {selection}"
-            )
+        check_number("lr", lr, 0, low_open=True)
+        check_number("steps", steps, 1, integer=True)
+        # kept fractions: of the diffusion views by cosine, then of the candidates by entropy
+        check_number("cosine_fraction", cosine_fraction, 0, 1, low_open=True)
+        check_number("selection", selection, 0, 1, low_open=True)
         if reading not in COSINE_READINGS:
             raise ValueError(f"reading must be one of {COSINE_READINGS}, got {reading!r}")
         if pregenerate and generator.cache_dir is None:

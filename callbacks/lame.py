@@ -34,6 +34,7 @@ class LAME(TTACallback):
     """
 
     method_name = "lame"
+    batch_level = True
 
     def __init__(self, affinity: str = "rbf", k: int = 5, max_iter: int = 100, tol: float = 1e-8) -> None:
         super().__init__()

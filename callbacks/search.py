@@ -13,6 +13,7 @@ from typing_extensions import override
 from tta.callbacks.base import sample_seed
 from tta.methods.search import SearchTTASession, search_with_tta
 from tta.tasks.search_runner import SearchEpisodeRunner, episode_outputs, episode_query
+from tta.validation import check_number
 
 
 class SearchTTA(pl.Callback):
@@ -46,18 +47,13 @@ class SearchTTA(pl.Callback):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if lr_start <= 0 or lr_end <= 0:
-            raise ValueError(f"lr_start and lr_end must be > 0, got {lr_start}, {lr_end}")
-        if update_every < 1:
-            raise ValueError(f"update_every is a number of steps, >= 1; got {update_every}")
-        if n_regions is not None and n_regions < 1:
-            raise ValueError(
-                f"n_regions (k of the k-means regions) must be >= 1, or None to choose it, got {n_regions}"
-            )
-        if lr_ramp_steps is not None and lr_ramp_steps < 1:
-            raise ValueError(f"lr_ramp_steps must be >= 1, or None for the number of grid cells, got {lr_ramp_steps}")
-        if positive_weight <= 0:
-            raise ValueError(f"positive_weight (w+) must be > 0, got {positive_weight}")
+        check_number("lr_start", lr_start, 0, low_open=True)
+        check_number("lr_end", lr_end, 0, low_open=True)
+        check_number("update_every", update_every, 1, integer=True)  # steps
+        check_number("n_regions", n_regions, 1, integer=True, optional=True)  # None: chosen per episode
+        check_number("lr_ramp_steps", lr_ramp_steps, 1, integer=True, optional=True)  # None: the grid's cells
+        check_number("positive_weight", positive_weight, 0, low_open=True)  # w+
+        check_number("seed", seed, integer=True, optional=True)
         self.lr_start, self.lr_end, self.update_every = lr_start, lr_end, update_every
         self.positive_weight, self.n_regions, self.seed = positive_weight, n_regions, seed
         self.lr_ramp_steps = lr_ramp_steps

@@ -8,6 +8,7 @@ from typing_extensions import override
 
 from tta.callbacks.base import EpisodicTTA
 from tta.methods.sts import FINAL_RULES, spectral_basis, sts_adapt
+from tta.validation import check_number
 
 
 class STS(EpisodicTTA):
@@ -22,6 +23,7 @@ class STS(EpisodicTTA):
     """
 
     method_name = "sts"
+    likely_settings = ("lr",)
 
     def __init__(
         self,
@@ -43,8 +45,10 @@ class STS(EpisodicTTA):
         )
         if final not in FINAL_RULES:
             raise ValueError(f"final must be one of {FINAL_RULES}, got {final!r}")
-        if lr <= 0 or steps < 1 or lam < 0:
-            raise ValueError(f"need lr > 0, steps >= 1, lam >= 0; got lr={lr}, steps={steps}, lam={lam}")
+        check_number("lr", lr, 0, low_open=True)
+        check_number("steps", steps, 1, integer=True)
+        check_number("selection", selection, 0, 1, low_open=True)  # the kept fraction of views
+        check_number("lam", lam, 0)
         self.lr, self.steps, self.selection, self.lam = lr, steps, selection, lam
         self.squared_norm, self.final, self.center = squared_norm, final, center
         self.class_features: torch.Tensor | None = None

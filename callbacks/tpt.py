@@ -9,6 +9,7 @@ from typing_extensions import override
 from tta.callbacks.base import EpisodicTTA
 from tta.methods.tpt import tpt_adapt
 from tta.models.prompt import PromptLearner
+from tta.validation import check_number
 
 
 class TPT(EpisodicTTA):
@@ -21,6 +22,7 @@ class TPT(EpisodicTTA):
     """
 
     method_name = "tpt"
+    likely_settings = ("lr",)
 
     def __init__(
         self,
@@ -39,10 +41,9 @@ class TPT(EpisodicTTA):
             n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
         )
         self.checkpoint_text = checkpoint_text
-        if lr <= 0 or steps < 1:
-            raise ValueError(f"lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
-        if not 0 < selection <= 1:
-            raise ValueError(f"selection is the kept fraction of views, in (0, 1]; got {selection}")
+        check_number("lr", lr, 0, low_open=True)
+        check_number("steps", steps, 1, integer=True)
+        check_number("selection", selection, 0, 1, low_open=True)  # the kept fraction of views
         self.lr, self.steps, self.selection, self.ctx_init = lr, steps, selection, ctx_init
         self.prompt: PromptLearner | None = None
 

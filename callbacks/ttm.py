@@ -11,7 +11,9 @@ import torch
 from typing_extensions import override
 
 from tta.callbacks.base import SetTTA
-from tta.methods.ttm import LOSSES, TestTimeMatching, TTMSchedule
+from tta.methods.ttm import LOSSES, RoundLog, TestTimeMatching, TTMSchedule
+from tta.status import SlowStep
+from tta.validation import OptionError, check_number
 
 
 class TTM(SetTTA):
@@ -34,6 +36,8 @@ class TTM(SetTTA):
     """
 
     method_name = "ttm"
+    #: The schedule's arguments are kept in ``schedule`` (for the run key).
+    argument_attributes = {field.name: f"schedule.{field.name}" for field in dataclasses.fields(TTMSchedule)}
 
     def __init__(
         self,
@@ -62,9 +66,9 @@ class TTM(SetTTA):
             weight_decay=weight_decay,
         )
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if encode_batch_size < 1:
-            raise ValueError(f"encode_batch_size must be >= 1, got {encode_batch_size}")
+            raise OptionError("loss", f"must be one of {LOSSES}, got {loss!r}")
+        check_number("seed", seed, integer=True)
+        check_number("encode_batch_size", encode_batch_size, 1, integer=True)
         self.loss, self.seed, self.encode_batch_size = loss, int(seed), int(encode_batch_size)
         self.unchosen_negatives = bool(unchosen_negatives)
         self.ttm_rounds: list[dict[str, Any]] = []
@@ -91,7 +95,13 @@ class TTM(SetTTA):
             pl_module.vlm, self.schedule, self.loss, self.seed, self.encode_batch_size, self.unchosen_negatives
         )
         self._scores_zs = dict(zip(index, matching.score_groups(images, captions)))
-        rounds = matching.fit_groups(images, captions)
+        what = f"ttm: self-training on {len(index)} groups before predicting"
+        with SlowStep(what, total=self.schedule.rounds, unit="rounds") as step:
+
+            def on_round(log: RoundLog) -> None:
+                step.advance(note=f"round {log.round + 1}: {log.selected} pseudo-labelled groups, {log.seconds:.1f} s")
+
+            rounds = matching.fit_groups(images, captions, on_round)
         self.ttm_rounds = [dataclasses.asdict(r) for r in rounds]
         self.fit_seconds = time.perf_counter() - start
         self._n_groups = len(index)

@@ -8,6 +8,7 @@ from typing_extensions import override
 
 from tta.callbacks.base import EpisodicTTA
 from tta.methods.views import confident_view_average
+from tta.validation import check_number
 
 
 class ViewAverage(EpisodicTTA):
@@ -27,8 +28,7 @@ class ViewAverage(EpisodicTTA):
         super().__init__(
             n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
         )
-        if not 0 < selection <= 1:
-            raise ValueError(f"selection is the kept fraction of views, in (0, 1]; got {selection}")
+        check_number("selection", selection, 0, 1, low_open=True)  # the kept fraction of views
         self.selection = selection
 
     @override

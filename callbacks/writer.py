@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import re
 import resource
 import signal
@@ -42,6 +43,7 @@ from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import Logger
 from typing_extensions import override
 
+from tta.fingerprint import weights_fingerprint
 from tta.run_folder import (
     DirectoryLock,
     RunFolderError,
@@ -54,6 +56,9 @@ from tta.run_folder import (
 )
 
 log = logging.getLogger(__name__)
+#: How long a DDP process waits for its part of the run directory to be let go by a process of
+#: a killed run (which stops after its current batch, see ``tta.cli.stop_with_launching_process``).
+DDP_PART_WAIT_S = 60.0
 #: metrics.json keys that depend on the machine and the moment, not on the predictions.
 TIMING_KEYS = ("ms_per_sample", "adapt_ms_per_sample", "peak_mem_mb")
 
@@ -141,14 +146,9 @@ def _plain(value: Any, depth: int) -> Any:
 _FRAMEWORK_MODULES = ("pytorch_lightning", "lightning_fabric", "torch", "builtins", "typing")
 
 
-def object_settings(obj: Any, fallback: Any = None, depth: int = 0) -> dict[str, Any]:
-    """The class of ``obj`` and the values of its constructor's arguments that it keeps under the
-    same names (the convention of the datamodules, tasks and callbacks here), as plain data.
-
-    ``fallback``: where a value is ``None``, the attribute of the same name there, as the tasks
-    take ``class_names=None`` from the datamodule in ``setup``: the settings are then the same
-    before and after ``setup``.
-    """
+def constructor_arguments(obj: Any) -> list[str]:
+    """The names of the arguments of ``obj``'s constructors (its class's and its bases', framework
+    bases aside), in order."""
     names: list[str] = []
     for cls in type(obj).__mro__:
         init = cls.__dict__.get("__init__")
@@ -159,29 +159,115 @@ def object_settings(obj: Any, fallback: Any = None, depth: int = 0) -> dict[str,
             for p in list(inspect.signature(init).parameters.values())[1:]
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         ]
-    settings: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
-    for name in dict.fromkeys(names):
+    return list(dict.fromkeys(names))
+
+
+def _argument_attributes(obj: Any) -> dict[str, str | None]:
+    """The ``argument_attributes`` of ``obj``'s class and bases, the class's own winning."""
+    found: dict[str, str | None] = {}
+    for cls in reversed(type(obj).__mro__):
+        found.update(cls.__dict__.get("argument_attributes", {}))
+    return found
+
+
+_COVERED = object()  # an argument whose content the run key holds elsewhere (its inputs)
+
+
+def _argument_value(obj: Any, name: str, sources: dict[str, str | None]) -> Any:
+    """The value of constructor argument ``name``: where ``argument_attributes`` says it is kept
+    (a dotted attribute path; ``None``: covered by the run's inputs), else the attribute of that
+    name. Raises AttributeError where it is kept nowhere."""
+    if name in sources:
+        if sources[name] is None:
+            return _COVERED
         try:
-            value = getattr(obj, name)
-        except (AttributeError, RuntimeError):  # not kept, or a property that needs a trainer
+            value = obj
+            for part in sources[name].split("."):
+                value = getattr(value, part)
+            return value
+        except AttributeError:
+            pass  # a subclass that keeps it under its own name
+    try:
+        return getattr(obj, name)
+    except RuntimeError as error:  # a property that needs a trainer
+        raise AttributeError(name) from error
+
+
+def object_settings(obj: Any, fallback: Any = None, depth: int = 0) -> dict[str, Any]:
+    """The class of ``obj`` and the values of its constructor's arguments, as plain data.
+
+    An argument is read from the attribute of the same name (the convention of the datamodules,
+    tasks and callbacks here), or from where the class's ``argument_attributes`` says it is kept
+    (``{"resize_mode": "preprocess.resize_mode"}``; ``None`` for arguments whose content the run
+    key holds as a fingerprint, such as a data set's list of files). Arguments kept nowhere cannot
+    be seen: they are listed under ``unrecorded`` (every class of this package keeps all of its
+    arguments; a test checks it).
+
+    ``fallback``: where a value is ``None``, the attribute of the same name there, as the tasks
+    take ``class_names=None`` from the datamodule in ``setup``: the settings are then the same
+    before and after ``setup``.
+    """
+    settings: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    sources = _argument_attributes(obj)
+    unrecorded = []
+    for name in constructor_arguments(obj):
+        try:
+            value = _argument_value(obj, name, sources)
+        except AttributeError:
+            unrecorded.append(name)
+            continue
+        if value is _COVERED:
             continue
         if value is None and fallback is not None:
             value = getattr(fallback, name, None)
         settings[name] = _plain(value, depth)
+    if unrecorded:
+        settings["unrecorded"] = unrecorded
     return settings
+
+
+def unrecorded_arguments(settings: Any, owner: str = "") -> list[str]:
+    """``Class.argument`` for every constructor argument that :func:`object_settings` could not see,
+    anywhere in a run's settings."""
+    if isinstance(settings, list):
+        return [found for item in settings for found in unrecorded_arguments(item, owner)]
+    if not isinstance(settings, dict):
+        return []
+    owner = str(settings.get("class", owner)).rsplit(".", 1)[-1]
+    found = [f"{owner}.{name}" for name in settings.get("unrecorded", [])]
+    return found + [
+        item for key, value in settings.items() if key != "unrecorded" for item in unrecorded_arguments(value, owner)
+    ]
 
 
 #: Callbacks that show or save things but never change the rows.
 _BOOKKEEPING_CALLBACKS = (ProgressBar, ModelSummary, Checkpoint)
 
 
+def seed_in_force() -> int | None:
+    """The global seed that ``pytorch_lightning.seed_everything`` set in this process (``None``: not
+    called): what callbacks whose own ``seed`` is ``None`` draw from."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None and seed.lstrip("-").isdigit() else None
+
+
+def run_inputs(pl_module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """What a run reads beyond its settings (:mod:`tta.fingerprint`): the module's weights and, for
+    datamodules that read files (``content_fingerprint``), the files' listing."""
+    content = getattr(datamodule, "content_fingerprint", None)
+    return {"weights": weights_fingerprint(pl_module), "data": content() if callable(content) else None}
+
+
 def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int | None) -> dict[str, Any]:
-    """Everything that determines a run's rows, as plain data: the seed, the trainer's precision,
-    and the settings (:func:`object_settings`) of the LightningModule, the datamodule and every
-    callback but the bookkeeping ones (progress bars, summaries, checkpoints, writers)."""
+    """Everything that determines a run's rows, as plain data: the seed given and the one in force
+    (:func:`seed_in_force`), the trainer's precision, the settings (:func:`object_settings`) of the
+    LightningModule, the datamodule and every callback but the bookkeeping ones (progress bars,
+    summaries, checkpoints, writers), and the fingerprints of the weights and data files
+    (:func:`run_inputs`)."""
     datamodule = trainer.datamodule
     return {
         "seed": seed,
+        "seed_in_force": seed_in_force(),
         "precision": str(trainer.precision),
         "model": object_settings(pl_module, fallback=datamodule),
         "data": None if datamodule is None else object_settings(datamodule),
@@ -190,6 +276,7 @@ def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int |
             for c in trainer.callbacks
             if not isinstance(c, (*_BOOKKEEPING_CALLBACKS, PredictionWriter))
         ],
+        "inputs": run_inputs(pl_module, datamodule),
     }
 
 
@@ -220,12 +307,13 @@ class PredictionWriter(pl.Callback):
     (as SIGTERM) to the processes it started.
 
     ``metrics.json`` holds ``method`` (the TTA callbacks' ``method_name`` joined by "+", or
-    "none"), ``model``, ``data``, ``seed``, the task's metrics (``summarize_predictions``:
-    for classifiers ``n``, ``accuracy``, ``ece``), ``ms_per_sample``, ``adapt_ms_per_sample``,
-    ``peak_mem_mb`` (the maximum over processes), ``skipped_images`` (images the datamodule
-    could not decode: the batches' ``skipped_images``, summed) and ``skipped_image_paths`` (the
-    first of them, from the batches' ``skipped_paths``), ``run`` (``run_info``, e.g. the CLI's
-    config) and ``domains`` (per domain the task's metrics, ``ms_per_sample`` and
+    "none"), ``model``, ``data``, ``seed`` (``seed``, else the seed in force), the task's
+    metrics (``summarize_predictions``: for classifiers ``n``, ``accuracy``, ``ece``),
+    ``ms_per_sample``, ``adapt_ms_per_sample``, ``peak_mem_mb`` (the maximum over processes),
+    ``skipped_images`` (images the datamodule could not decode: the batches' ``skipped_images``,
+    summed) and ``skipped_image_paths`` (the first of them, from the batches' ``skipped_paths``),
+    ``run`` (``run_info``, e.g. the CLI's config), ``key`` (the run key: what ``tta-report``
+    groups runs by) and ``domains`` (per domain the task's metrics, ``ms_per_sample`` and
     ``adapt_ms_per_sample``). Skipped images are also reported in a warning at the end.
 
     Lightning loggers of the trainer (``Trainer(logger=...)``) get the run's settings as
@@ -236,9 +324,11 @@ class PredictionWriter(pl.Callback):
     Args:
         output_dir: where the files go.
         seed: the run seed, recorded in ``metrics.json``.
-        run_key: the run's settings, plain data (the CLI passes its resolved config); a directory
-            holding another run's rows is refused. ``None``: :func:`run_settings` (seed,
-            precision, and the module's, datamodule's and callbacks' settings).
+        run_key: the run's settings, plain data (the CLI passes its resolved config with the
+            fingerprints of :func:`run_inputs`); a directory holding another run's rows is
+            refused. ``None``: :func:`run_settings` (the seed given and the one in force,
+            precision, the module's, datamodule's and callbacks' settings, the weights' and the
+            data files' fingerprints).
         run_info: plain data recorded as ``run`` in ``metrics.json``.
     """
 
@@ -305,8 +395,17 @@ class PredictionWriter(pl.Callback):
         # on an error from here on, Lightning calls on_exception, which lets the folder go
         self._check_world_size()
         self._run = self.run_key if self.run_key is not None else run_settings(trainer, pl_module, self.seed)
+        unseen = unrecorded_arguments(self._run)
+        if unseen:
+            log.warning(
+                "the run key cannot see %s (kept under no attribute of the same name): a rerun that changes "
+                "them would resume this run's rows; keep each constructor argument as an attribute of its name",
+                ", ".join(unseen),
+            )
         self._part = RunPart(directory, self._run, pl_module.prediction_columns)
-        done = self._part.open()
+        # a DDP process of a run killed just before may still be finishing its batch in this part
+        # (it stops within seconds of its launching process): wait for it rather than fail
+        done = self._part.open(wait_s=DDP_PART_WAIT_S if self._world_size > 1 else 0.0)
         self._progress_sums = {}
         self._count_progress(pl_module, read_rows(self._part.predictions))
         datamodule = trainer.datamodule
@@ -483,7 +582,7 @@ class PredictionWriter(pl.Callback):
             "method": _method_name(trainer),
             "model": _model_name(pl_module),
             "data": _data_name(trainer),
-            "seed": self.seed,
+            "seed": self.seed if self.seed is not None else seed_in_force(),
         }
         summary = pl_module.summarize_predictions(rows)
         domains = summary.pop("domains")
@@ -495,6 +594,7 @@ class PredictionWriter(pl.Callback):
         metrics["skipped_image_paths"] = [path for state in states for path in state["skipped_paths"]][:5]
         if self.run_info is not None:
             metrics["run"] = self.run_info
+        metrics["key"] = self._run
         for name, values in domains.items():
             picked = [(t, a) for t, a, r in zip(ms, adapt_ms, rows) if r["domain"] == name]
             values["ms_per_sample"] = sum(t for t, _ in picked) / max(1, len(picked))

@@ -11,7 +11,8 @@ The group batch contract: every ``predict_dataloader`` yields dicts
 - ``domain``: list of ``B`` str (a shift of the offline world, or the benchmark / file name);
 - ``kind``: list of ``B`` str, what the captions differ by (a swap kind, a tag, a file name).
 
-- ``skipped_images``: int, groups of the batch left out because an image failed to decode.
+- ``skipped_images``: int, groups of the batch left out because an image failed to decode (or
+  was refused: ``tta.datamodules.preprocess.decode``).
 
 Every batch of one datamodule has the same ``m`` and ``k``. File readers check the layout and
 that every listed image exists when they are built (so a wrong path fails before a model
@@ -35,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.functional import pil_to_tensor
 from typing_extensions import override
 
-from tta.datamodules.preprocess import Preprocess
+from tta.datamodules.preprocess import Preprocess, decode
 from tta.datamodules.streams import StreamDataModule
+from tta.status import SlowStep
+from tta.validation import check_number
 from tta.world import DOMAINS, check_domain
 from tta.world.groups import SWAP_KINDS, check_swap_kind, render_groups
 
@@ -82,11 +84,8 @@ class GroupDataModule(StreamDataModule):
         interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
-        if int(batch_size) < 1 or int(num_workers) < 0:
-            raise ValueError(
-                f"batch_size must be positive and num_workers >= 0, got {batch_size}, {num_workers}: "
-                "fix data.batch_size / num_workers"
-            )
+        check_number("batch_size", batch_size, 1, integer=True)
+        check_number("num_workers", num_workers, 0, integer=True)
         self.name, self.domains, self.kinds = name, list(domains), list(kinds)
         self.preprocess = Preprocess(image_size, resize_mode, interpolation)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
@@ -182,8 +181,9 @@ class WorldGroupsDataModule(GroupDataModule):
         self.cells = [self._parse_domain(d, severity) for d in domains]
         if len(set(domains)) != len(domains) or len(set(kinds)) != len(kinds):
             raise ValueError(f"domains {domains} or kinds {kinds} repeat an entry: list each once")
-        if n_per_cell < 1:
-            raise ValueError(f"n_per_cell must be >= 1, got {n_per_cell}")
+        check_number("severity", severity, 1, 5, integer=True)
+        check_number("n_per_cell", n_per_cell, 1, integer=True)
+        check_number("seed", seed, integer=True)
         super().__init__(
             "world_groups", domains, kinds, image_size, batch_size, num_workers, resize_mode, interpolation
         )
@@ -201,13 +201,16 @@ class WorldGroupsDataModule(GroupDataModule):
     @override
     def build_dataset(self) -> Dataset:
         images, captions, domains, kinds = [], [], [], []
-        for label, (domain, severity) in zip(self.domains, self.cells):
-            for kind in self.kinds:
-                groups = render_groups(kind, self.n_per_cell, self.seed, domain, severity)
-                images.append((groups.images * 255).round().to(torch.uint8))
-                captions += groups.captions
-                domains += [label] * self.n_per_cell
-                kinds += groups.kinds
+        cells = len(self.cells) * len(self.kinds)
+        with SlowStep(f"rendering {cells * self.n_per_cell:,} world groups", total=cells, unit="cells") as step:
+            for label, (domain, severity) in zip(self.domains, self.cells):
+                for kind in self.kinds:
+                    groups = render_groups(kind, self.n_per_cell, self.seed, domain, severity)
+                    images.append((groups.images * 255).round().to(torch.uint8))
+                    captions += groups.captions
+                    domains += [label] * self.n_per_cell
+                    kinds += groups.kinds
+                    step.advance()
         return _TensorGroups(torch.cat(images), captions, domains, kinds, self.preprocess)
 
 
@@ -229,6 +232,10 @@ class EmbeddedImage:
         if cell.get("bytes") is None:  # the feature may point at a file beside the parquet instead
             return (self.container.parent / cell["path"]).read_bytes()
         return cell["bytes"]
+
+    def __str__(self) -> str:
+        """What errors call it: the member's path in the zip archive, or the parquet cell."""
+        return f"{self.container}/{self.key}" if self.row < 0 else f"{self.container} ({self.key}, row {self.row})"
 
     def is_file(self) -> bool:
         return self.container.is_file()
@@ -253,11 +260,12 @@ def _pyarrow_parquet(path: Path):
     return pyarrow.parquet
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """A PIL image from a file, or from the bytes of an :class:`EmbeddedImage`."""
+def decode_source(source: ImageSource) -> torch.Tensor:
+    """The image of a file, or of the bytes of an :class:`EmbeddedImage`, as
+    :func:`~tta.datamodules.preprocess.decode` decodes it (RGB ``uint8 3 x H x W``)."""
     if isinstance(source, EmbeddedImage):
-        return Image.open(io.BytesIO(source.read()))
-    return Image.open(source)
+        return decode(str(source), io.BytesIO(source.read()))
+    return decode(source)
 
 
 @dataclass(frozen=True)
@@ -280,11 +288,8 @@ class _FileGroups(Dataset):
     def __getitem__(self, i: int) -> dict | None:
         group = self.groups[i]
         try:
-            pixels = []
-            for path in group.images:
-                with open_image(path) as image:
-                    pixels.append(self.preprocess(pil_to_tensor(image.convert("RGB"))))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            pixels = [self.preprocess(decode_source(source)) for source in group.images]
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # ValueError: UnsupportedImageError too
             return None
         return {
             "images": torch.stack(pixels),
@@ -296,7 +301,12 @@ class _FileGroups(Dataset):
 
 
 class GroupFilesDataModule(GroupDataModule):
-    """Base of the file readers: a list of :class:`GroupFiles`, checked when built."""
+    """Base of the file readers: a list of :class:`GroupFiles` read from ``index_files`` (the
+    files that list the groups and their captions), checked when built."""
+
+    #: The groups (their images and captions) are in the run key as the fingerprint of the index
+    #: and image files (``inputs.data``); ``setting`` only names the config key in messages.
+    argument_attributes = {"groups": None, "index_files": None, "setting": None}
 
     def __init__(
         self,
@@ -308,6 +318,7 @@ class GroupFilesDataModule(GroupDataModule):
         setting: str = "data.root",
         resize_mode: str = "shortest",
         interpolation: str = "bicubic",
+        index_files: Sequence[Path] = (),
     ) -> None:
         groups = list(groups)
         if not groups:
@@ -327,11 +338,16 @@ class GroupFilesDataModule(GroupDataModule):
         domains = list(dict.fromkeys(g.domain for g in groups))
         kinds = list(dict.fromkeys(g.kind for g in groups))
         super().__init__(name, domains, kinds, image_size, batch_size, num_workers, resize_mode, interpolation)
-        self.groups = groups
+        self.groups, self.index_files = groups, [Path(p) for p in index_files]
 
     @override
     def build_dataset(self) -> Dataset:
         return _FileGroups(self.groups, self.preprocess)
+
+    @override
+    def input_files(self) -> list[Path]:
+        images = [s.container if isinstance(s, EmbeddedImage) else s for g in self.groups for s in g.images]
+        return list(dict.fromkeys([*self.index_files, *images]))
 
 
 def _root(root: str | Path, name: str) -> Path:
@@ -396,15 +412,15 @@ class WinogroundDataModule(GroupFilesDataModule):
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
-        self.root = _root(root, "Winoground")
+        self.root, self.image_dir, self.domain = _root(root, "Winoground"), image_dir, domain
         shards = sorted(self.root.glob("test-*.parquet")) or sorted(self.root.glob("data/test-*.parquet"))
         if shards:
-            groups = [g for shard in shards for g in self._parquet_groups(shard, domain)]
+            groups, index_files = [g for shard in shards for g in self._parquet_groups(shard, domain)], shards
         else:
             index = _index_file(
                 self.root, ["examples.jsonl"], "examples.jsonl (nor a data/test-*.parquet of the hub copy)"
             )
-            groups = self._jsonl_groups(index, image_dir, domain)
+            groups, index_files = self._jsonl_groups(index, image_dir, domain), [index]
         super().__init__(
             groups,
             "winoground",
@@ -413,6 +429,7 @@ class WinogroundDataModule(GroupFilesDataModule):
             num_workers,
             resize_mode=resize_mode,
             interpolation=interpolation,
+            index_files=index_files,
         )
 
     @staticmethod
@@ -492,7 +509,7 @@ class MMVPVLMDataModule(GroupFilesDataModule):
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
-        self.root = _root(root, "MMVP-VLM")
+        self.root, self.image_dir, self.domain = _root(root, "MMVP-VLM"), image_dir, domain
         index = _index_file(self.root, ["Questions.csv"], "Questions.csv")
         with index.open(newline="") as handle:
             rows = [row for row in csv.reader(handle) if row]
@@ -531,6 +548,7 @@ class MMVPVLMDataModule(GroupFilesDataModule):
             num_workers,
             resize_mode=resize_mode,
             interpolation=interpolation,
+            index_files=[index],
         )
 
 
@@ -562,12 +580,13 @@ class SugarCrepeDataModule(GroupFilesDataModule):
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
-        self.root = _root(root, "SugarCrepe")
+        self.root, self.files, self.image_dir = _root(root, "SugarCrepe"), [str(f) for f in files], image_dir
         images = (self.root / image_dir).expanduser()
-        groups = []
+        groups, index_files = [], []
         for stem in files:
             stem = str(stem).removesuffix(".json")
             path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
+            index_files.append(path)
             try:
                 items = json.loads(path.read_text())
                 groups += [
@@ -587,6 +606,7 @@ class SugarCrepeDataModule(GroupFilesDataModule):
             num_workers,
             resize_mode=resize_mode,
             interpolation=interpolation,
+            index_files=index_files,
         )
 
 
@@ -621,11 +641,12 @@ class WhatsUpDataModule(GroupFilesDataModule):
         batch_size: int = 50,
         num_workers: int = 0,
     ) -> None:
-        self.root = _root(root, "WhatsUp")
-        groups = []
+        self.root, self.files = _root(root, "WhatsUp"), [str(f) for f in files]
+        groups, index_files = [], []
         for stem in files:
             stem = str(stem).removesuffix(".json")
             path = _index_file(self.root, [f"{stem}.json"], f"{stem}.json")
+            index_files.append(path)
             qa = next((v for k, v in WHATSUP_QA_IMAGES.items() if stem.startswith(k)), None)
             try:
                 items = json.loads(path.read_text())
@@ -638,7 +659,14 @@ class WhatsUpDataModule(GroupFilesDataModule):
                 )
                 raise ValueError(f"{path} is not What'sUp's layout ({error!r}): expected {layout}") from error
         super().__init__(
-            groups, "whatsup", image_size, batch_size, num_workers, resize_mode=resize_mode, interpolation=interpolation
+            groups,
+            "whatsup",
+            image_size,
+            batch_size,
+            num_workers,
+            resize_mode=resize_mode,
+            interpolation=interpolation,
+            index_files=index_files,
         )
 
     @staticmethod

@@ -23,7 +23,7 @@ from typing_extensions import override
 from tta.datamodules.folder import ImageFilesDataModule
 from tta.datamodules.imagenet import imagenet_classes, wnid_samples
 from tta.datamodules.preprocess import Preprocess, classification_sample, collate_with_originals
-from tta.datamodules.streams import StreamDataModule, order_within_domains
+from tta.datamodules.streams import StreamDataModule, check_loader, order_within_domains
 
 CORRUPTIONS = (
     "gaussian_noise",
@@ -100,7 +100,7 @@ class ImageNetCDataModule(ImageFilesDataModule):
         stream_seed: int = 0,
         on_bad_image: str = "skip",
     ) -> None:
-        self.root = Path(root).expanduser()
+        self.root, self.class_list = Path(root).expanduser(), class_list
         self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
         if not self.root.is_dir():
             raise FileNotFoundError(
@@ -193,8 +193,7 @@ class CIFAR10CDataModule(StreamDataModule):
         super().__init__()
         self.root = Path(root).expanduser()
         self.corruptions, self.severities = check_corruptions(corruptions, severities, CORRUPTIONS + EXTRA_CORRUPTIONS)
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}: fix data.batch_size")
+        check_loader(batch_size, num_workers, stream_seed)
         self.preprocess = Preprocess(image_size, resize_mode, interpolation)
         labels_path = self.root / "labels.npy"
         if not labels_path.is_file():
@@ -246,3 +245,7 @@ class CIFAR10CDataModule(StreamDataModule):
     @override
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return collate_with_originals
+
+    @override
+    def input_files(self) -> list[Path]:
+        return [self.root / "labels.npy", *(self.root / f"{corruption}.npy" for corruption in self.corruptions)]

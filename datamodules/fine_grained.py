@@ -126,6 +126,9 @@ class FineGrainedDataModule(ImageFilesDataModule):
     counted (``skipped_images``).
     """
 
+    #: ``dataset`` (the data set's name) is kept as ``dataset_name``: ``dataset`` is the prediction set.
+    argument_attributes = {"dataset": "dataset_name"}
+
     def __init__(
         self,
         root: str | Path,

@@ -16,9 +16,16 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from tta.datamodules.preprocess import ORIGINAL, Preprocess, classification_sample, collate_with_originals, decode
-from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
-from tta.models.vlm import check_class_names
+from tta.datamodules.preprocess import (
+    ORIGINAL,
+    Preprocess,
+    UnsupportedImageError,
+    classification_sample,
+    collate_with_originals,
+    decode,
+)
+from tta.datamodules.streams import StreamDataModule, check_loader, check_stream, order_within_domains
+from tta.models.vlm import check_class_names, misplaced_class_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -26,6 +33,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 Sample = tuple[Path, int, str]
 #: What a file-based datamodule does with an image that fails to decode (``on_bad_image``).
 BAD_IMAGE_CHOICES = ("skip", "error")
+#: What decoding a broken or refused image raises (Pillow's errors; ValueError includes UnsupportedImageError).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
 def _images_in(folder: Path, extensions: Sequence[str]) -> list[Path]:
@@ -65,8 +74,9 @@ class ImageFilesDataset(Dataset):
     """Samples of the batch contract from image files; ``index`` is the sample's position,
     ``original`` the image as decoded and ``image`` its ``preprocess``-ed model input.
 
-    An image that fails to decode gives ``{"undecodable": its path}``; :func:`collate_skipping`
-    leaves it out of the batch and names it.
+    An image that fails to decode, or that :func:`~tta.datamodules.preprocess.decode` refuses
+    (:class:`~tta.datamodules.preprocess.UnsupportedImageError`), gives ``{"undecodable": its
+    path}``; :func:`collate_skipping` leaves it out of the batch and names it.
     """
 
     def __init__(self, samples: Sequence[Sample], preprocess: Preprocess) -> None:
@@ -80,9 +90,22 @@ class ImageFilesDataset(Dataset):
         path, label, domain = self.samples[i]
         try:
             original = decode(path)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        except DECODE_ERRORS:
             return {"undecodable": str(path)}
         return classification_sample(original, self.preprocess, label, i, domain)
+
+
+def _refusal(path: str | Path) -> str | None:
+    """Why :func:`~tta.datamodules.preprocess.decode` refuses the image at ``path`` (its mode, and
+    the fix), or None where it decodes or is merely broken. Decoded again to find out: a sample
+    carries only its path through the loader's collate, into the batch's ``skipped_paths``."""
+    try:
+        decode(path)
+    except UnsupportedImageError as error:
+        return str(error)
+    except DECODE_ERRORS:
+        pass
+    return None
 
 
 def collate_skipping(samples: list[dict], image_size: int) -> dict[str, Any]:
@@ -118,6 +141,9 @@ class ImageFilesDataModule(StreamDataModule):
     original beside them.
     """
 
+    #: The samples are in the run key as the fingerprint of their files (``inputs.data``), not one by one.
+    argument_attributes = {"samples": None}
+
     def __init__(
         self,
         samples: Sequence[Sample],
@@ -136,11 +162,7 @@ class ImageFilesDataModule(StreamDataModule):
         if on_bad_image not in BAD_IMAGE_CHOICES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_CHOICES}, got {on_bad_image!r}")
         self.on_bad_image = on_bad_image
-        if int(batch_size) < 1 or int(num_workers) < 0:
-            raise ValueError(
-                f"batch_size must be positive and num_workers >= 0, got {batch_size}, {num_workers}: "
-                "fix data.batch_size / num_workers"
-            )
+        check_loader(batch_size, num_workers, stream_seed)
         self.class_names = check_class_names(class_names)
         self.domains, self.name = list(domains), name
         self.preprocess, self.image_size = preprocess, int(preprocess.size)
@@ -159,13 +181,18 @@ class ImageFilesDataModule(StreamDataModule):
         return partial(collate_skipping, image_size=self.image_size)
 
     @override
+    def input_files(self) -> list[Path]:
+        return [path for path, _, _ in self.dataset.samples]
+
+    @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # here, in the main process, rather than in the loader: a loader worker's error comes
         # back wrapped in its traceback
         if self.on_bad_image == "error" and batch["skipped_paths"]:
+            path = batch["skipped_paths"][0]
+            why = _refusal(path) or f"cannot decode the image {path}: replace or remove the file"
             raise ValueError(
-                f"cannot decode the image {batch['skipped_paths'][0]}: replace or remove the file, or set "
-                "data.on_bad_image=skip to leave undecodable images out (they are listed at the end)"
+                f"{why}, or set data.on_bad_image=skip to leave undecodable images out (they are listed at the end)"
             )
         return batch
 
@@ -202,7 +229,7 @@ class ImageFolderDataModule(ImageFilesDataModule):
         stream_seed: int = 0,
         on_bad_image: str = "skip",
     ) -> None:
-        self.root = Path(root).expanduser()
+        self.root, self.domain = Path(root).expanduser(), domain
         self.extensions = tuple(e.lower() for e in extensions)
         classes = scan_class_folders(self.root, self.extensions)  # fails fast, before any model loads
         folder_names = [name.replace("_", " ") for name, _ in classes]
@@ -213,13 +240,15 @@ class ImageFolderDataModule(ImageFilesDataModule):
                 f"{len(class_names)} class names for {len(classes)} class folders in {self.root}: "
                 "give one name per folder, in sorted folder order"
             )
-        elif (given := [str(n).replace("_", " ") for n in class_names]) != folder_names and sorted(given) == sorted(
-            folder_names
-        ):
+        elif (misplaced := misplaced_class_name(class_names, folder_names)) is not None:
+            i, j = misplaced
+            folders = [n for n, _ in classes]
             raise ValueError(
-                f"data.class_names {list(class_names)} are the class folders of {self.root} in another order, "
-                f"which would swap their labels: labels follow the sorted folders {[n for n, _ in classes]}; "
-                "give the names in that order, or leave data.class_names unset"
+                f"data.class_names {list(class_names)} are the class folders of {self.root} in another order "
+                f"(compared as the prompts tell names apart, case, spaces and underscores aside: {class_names[i]!r} "
+                f"is given for folder {folders[i]!r} but names {folders[j]!r}), which would swap their labels: "
+                f"labels follow the sorted folders {folders}; give the names in that order, or leave "
+                "data.class_names unset"
             )
         name = domain or self.root.name
         samples = [(path, label, name) for label, (_, images) in enumerate(classes) for path in images]

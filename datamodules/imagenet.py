@@ -143,7 +143,7 @@ class ImageNetDataModule(ImageFilesDataModule):
         on_bad_image: str = "skip",
     ) -> None:
         _, class_names = imagenet_classes(variant, class_list)
-        self.root, self.variant = Path(root).expanduser(), variant
+        self.root, self.variant, self.class_list = Path(root).expanduser(), variant, class_list
         samples = wnid_samples(self.root, variant, variant)
         super().__init__(
             samples,
@@ -182,7 +182,7 @@ class ImageNetV2DataModule(ImageFilesDataModule):
         on_bad_image: str = "skip",
     ) -> None:
         _, class_names = imagenet_classes("imagenet", class_list)
-        self.root = Path(root).expanduser()
+        self.root, self.class_list = Path(root).expanduser(), class_list
         samples = integer_samples(self.root, len(class_names), self.name)
         super().__init__(
             samples,

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor
 from torchvision.transforms.v2 import functional as TF
 from typing_extensions import override
 
-from tta.datamodules.preprocess import INTERPOLATIONS
+from tta.datamodules.preprocess import INTERPOLATIONS, UnsupportedImageError, decode
 from tta.datamodules.streams import StreamDataModule
+from tta.validation import check_number
 from tta.world import CLASS_NAMES, DOMAINS, check_domain
 from tta.world.search import SearchWorld, render_search_episode
 
@@ -80,6 +80,8 @@ class WorldSearchDataModule(StreamDataModule):
 
     name = "world_search"
     class_names = list(CLASS_NAMES)  # the classes a query can name
+    #: ``grid`` is kept in ``world`` (its rows and cols), which the run key records whole.
+    argument_attributes = {"grid": None}
 
     def __init__(
         self,
@@ -100,10 +102,12 @@ class WorldSearchDataModule(StreamDataModule):
             raise ValueError(f"domains must list each domain once, from {list(DOMAINS)}; got {self.domains}")
         for domain in self.domains:
             check_domain(domain)
-        if not 1 <= int(severity) <= 5:
-            raise ValueError(f"severity must be in 1..5, got {severity}")
-        if n_episodes < 1 or batch_size < 1:
-            raise ValueError(f"n_episodes and batch_size must be positive, got {n_episodes}, {batch_size}")
+        check_number("severity", severity, 1, 5, integer=True)
+        check_number("n_episodes", n_episodes, 1, integer=True)
+        check_number("seed", seed, integer=True)
+        check_number("image_size", image_size, 1, integer=True)
+        check_number("batch_size", batch_size, 1, integer=True)
+        check_number("num_workers", num_workers, 0, integer=True)
         if query not in ("text", "image"):
             raise ValueError(f"query must be 'text' or 'image', got {query!r}")
         rows, cols = (int(g) for g in grid)
@@ -125,8 +129,13 @@ class WorldSearchDataModule(StreamDataModule):
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
-    with Image.open(path) as image:
-        return pil_to_tensor(image.convert("RGB")).float() / 255
+    """The image as float RGB in [0, 1]; a broken or refused file is one ValueError that names it."""
+    try:
+        return decode(path).float() / 255
+    except UnsupportedImageError:  # names the file, its mode and the fix already
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # Pillow's, for a broken file
+        raise ValueError(f"cannot decode the image {path} ({error}): replace the file") from error
 
 
 class EpisodeFolderDataModule(StreamDataModule):
@@ -162,6 +171,9 @@ class EpisodeFolderDataModule(StreamDataModule):
             raise ValueError(
                 f"unknown interpolation {interpolation!r}: set data.interpolation to one of {list(INTERPOLATIONS)}"
             )
+        check_number("image_size", image_size, 1, integer=True, optional=True)
+        check_number("batch_size", batch_size, 1, integer=True)
+        check_number("num_workers", num_workers, 0, integer=True)
         self.root = Path(root).expanduser()
         self.image_size, self.batch_size, self.num_workers = image_size, int(batch_size), int(num_workers)
         self.interpolation = interpolation
@@ -236,6 +248,11 @@ class EpisodeFolderDataModule(StreamDataModule):
         if self.dataset is None:
             self.dataset = [self._episode(k, e) for k, e in enumerate(self.episodes)]
             self.order = torch.arange(len(self.dataset))
+
+    @override
+    def input_files(self) -> list[Path]:
+        named = [self.root / e[key] for e in self.episodes for key in ("image", "query_image") if key in e]
+        return list(dict.fromkeys([self.root / "episodes.json", *named]))
 
     @override
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:

@@ -14,6 +14,7 @@ seeds (and so episodic methods' predictions) do not depend on the stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,14 +22,23 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
+from tta.fingerprint import files_fingerprint
+from tta.validation import OptionError, check_number
+
 STREAMS = ("iid", "sorted", "dirichlet")
 
 
 def check_stream(kind: str, alpha: float) -> None:
     if kind not in STREAMS:
-        raise ValueError(f"unknown stream {kind!r}; choose from {STREAMS}")
-    if alpha <= 0:
-        raise ValueError(f"dirichlet_alpha must be > 0, got {alpha}")
+        raise OptionError("stream", f"is {kind!r}, not a stream order: choose one of {STREAMS}")
+    check_number("dirichlet_alpha", alpha, 0, low_open=True)
+
+
+def check_loader(batch_size: int, num_workers: int, stream_seed: int) -> None:
+    """The loader settings every datamodule shares."""
+    check_number("batch_size", batch_size, 1, integer=True)
+    check_number("num_workers", num_workers, 0, integer=True)
+    check_number("stream_seed", stream_seed, integer=True)
 
 
 def stream_order(
@@ -129,6 +139,12 @@ class StreamDataModule(pl.LightningDataModule):
 
     batch_size: int
     num_workers: int = 0
+    #: Where constructor arguments are kept for the run key (``tta.callbacks.writer.object_settings``):
+    #: the resizing settings live in the datamodule's ``Preprocess``.
+    argument_attributes: dict[str, str | None] = {
+        "resize_mode": "preprocess.resize_mode",
+        "interpolation": "preprocess.interpolation",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -148,6 +164,18 @@ class StreamDataModule(pl.LightningDataModule):
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
         """How the loader makes a batch of items (``None``: PyTorch's default collate)."""
         return None
+
+    def input_files(self) -> list[Path] | None:
+        """The files the prediction set is read from; ``None`` for data made from the settings
+        alone (the offline world), whose settings are its content."""
+        return None
+
+    def content_fingerprint(self) -> dict[str, Any] | None:
+        """The fingerprint of :meth:`input_files` (``tta.fingerprint.files_fingerprint``, paths
+        relative to ``root`` where there is one), recorded in the run key so that a rerun over
+        files that changed since is refused rather than resumed into the old rows."""
+        files = self.input_files()
+        return None if files is None else files_fingerprint(files, getattr(self, "root", None))
 
     @override
     def predict_dataloader(self) -> DataLoader:

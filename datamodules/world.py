@@ -10,7 +10,9 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from tta.datamodules.preprocess import Preprocess, classification_sample, collate_with_originals
-from tta.datamodules.streams import StreamDataModule, check_stream, order_within_domains
+from tta.datamodules.streams import StreamDataModule, check_loader, check_stream, order_within_domains
+from tta.status import SlowStep
+from tta.validation import check_number
 from tta.world import CLASS_NAMES, DOMAINS, ORIGINAL_SIZE, check_domain, render_domain
 
 
@@ -74,13 +76,11 @@ class WorldDataModule(StreamDataModule):
             check_domain(domain)
         if len(set(self.domains)) != len(self.domains):
             raise ValueError(f"domains {self.domains} repeat a domain: list each once")
-        if not 1 <= int(severity) <= 5:
-            raise ValueError(f"severity must be in 1..5, got {severity}")
-        if n_per_domain < 1 or batch_size < 1 or render_size < 1:
-            raise ValueError(
-                f"n_per_domain, batch_size and render_size must be positive, got {n_per_domain}, {batch_size}, "
-                f"{render_size}"
-            )
+        check_number("severity", severity, 1, 5, integer=True)
+        check_number("n_per_domain", n_per_domain, 1, integer=True)
+        check_number("seed", seed, integer=True)
+        check_number("render_size", render_size, 1, integer=True)
+        check_loader(batch_size, num_workers, stream_seed)
         self.severity, self.n_per_domain, self.seed = int(severity), int(n_per_domain), int(seed)
         self.preprocess = Preprocess(image_size, resize_mode, interpolation)
         self.render_size, self.image_size = int(render_size), int(image_size)
@@ -95,11 +95,14 @@ class WorldDataModule(StreamDataModule):
         if self.dataset is not None:
             return
         renders, labels, domains = [], [], []
-        for domain in self.domains:
-            scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed, size=self.render_size)
-            renders.append(scenes.originals())
-            labels.append(scenes.labels)
-            domains += [domain] * self.n_per_domain
+        what = f"rendering {len(self.domains) * self.n_per_domain:,} world scenes"
+        with SlowStep(what, total=len(self.domains), unit="domains") as step:
+            for domain in self.domains:
+                scenes = render_domain(domain, self.severity, self.n_per_domain, self.seed, size=self.render_size)
+                renders.append(scenes.originals())
+                labels.append(scenes.labels)
+                domains += [domain] * self.n_per_domain
+                step.advance()
         self.dataset = TensorDictDataset(torch.cat(renders), torch.cat(labels), domains, self.preprocess)
         self.order = order_within_domains(
             self.dataset.labels,

@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny models, a fake image-folder tree, Hydra composition, console scripts."""
+"""Shared fixtures: tiny models, a fake image-folder tree, Hydra composition, console scripts, and
+``tta-predict`` runs in subprocesses with an uninterrupted reference run (the fault tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -291,3 +294,79 @@ def run_script(name: str, args: Sequence[str], cwd: Path, timeout: float = 300) 
     return subprocess.run(
         [str(console_script(name)), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# --- tta-predict runs in subprocesses (the fault tests) ------------------------------------------
+
+#: One thread per process, so that runs compare bit for bit (see test_runs_at_scale.py).
+ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"OMP_NUM_THREADS": "1"}
+#: TPT makes each batch take long enough to act between batches; 12 batches of 4.
+RUN = [
+    "tta=tpt",
+    "tta.callbacks.tpt.n_views=8",
+    "data.domains=[clean]",
+    "data.n_per_domain=48",
+    "data.batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "print_table=false",
+]
+BATCHES = 12
+HEADER = b"index,domain,label,pred,confidence,pred_zs,confidence_zs\n"
+
+
+def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(console_script("tta-predict")), *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def tta_predict(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    process = start(args, cwd, **kwargs)
+    out, err = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def batches_done(run: Path) -> int:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
+        return len(json.loads((run / "progress.json").read_text())["batches"])
+    return 0
+
+
+def wait_for_batches(run: Path, n: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while batches_done(run) < n:
+        assert process.poll() is None, f"the run ended before batch {n}: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no batch {n} in {run} after 10 minutes"
+        time.sleep(0.02)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path: to show that nothing was written."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(done: subprocess.CompletedProcess, *expected: str) -> str:
+    """The run was refused with one line on stderr (exit 2, no traceback) that holds ``expected``."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tta-predict: error: "), done.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of :data:`RUN`, the one every interrupted run must end up equal to."""
+    root = tmp_path_factory.mktemp("reference")
+    done = tta_predict([*RUN, f"hydra.run.dir={root / 'run'}"], root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert batches_done(root / "run") == BATCHES
+    return root / "run"

@@ -49,11 +49,22 @@ def offline_overrides(compose, overrides: list[str]) -> list[str]:
     return overrides
 
 
+def assert_run_key_sees_every_argument(obj: object) -> None:
+    """The run key (``tta.callbacks.writer.object_settings``) reads every constructor argument of
+    ``obj`` back, so that a rerun with another value of any of them is refused, not resumed (issue 22:
+    a datamodule's ``interpolation`` was not seen)."""
+    from tta.callbacks.writer import object_settings, unrecorded_arguments
+
+    unseen = unrecorded_arguments(object_settings(obj))
+    assert not unseen, f"the run key cannot see {unseen}: keep each as an attribute, or map it in argument_attributes"
+
+
 def instantiate_model(cfg: DictConfig) -> pl.LightningModule:
     module = instantiate(cfg.model)
     assert isinstance(module, pl.LightningModule)
     if "vlm" in cfg.model:
         assert isinstance(module.vlm, VisionLanguageModel)
+    assert_run_key_sees_every_argument(module)
     return module
 
 
@@ -67,6 +78,7 @@ def instantiate_data(
     assert list(datamodule.class_names) or list(datamodule.kinds)
     assert list(datamodule.domains)
     assert isinstance(datamodule.name, str)
+    assert_run_key_sees_every_argument(datamodule)
     return datamodule
 
 
@@ -74,6 +86,8 @@ def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     assert isinstance(cfg.tta.callbacks, DictConfig)
     callbacks = [instantiate(node) for node in cfg.tta.callbacks.values()]
     assert all(isinstance(c, pl.Callback) for c in callbacks)
+    for callback in callbacks:
+        assert_run_key_sees_every_argument(callback)
     return callbacks
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,85 +23,25 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from conftest import class_tree, console_script
+from conftest import (
+    BATCHES,
+    ENV,
+    HEADER,
+    RUN,
+    batches_done,
+    class_tree,
+    console_script,
+    one_line_error,
+    snapshot,
+    start,
+    tta_predict,
+    wait_for_batches,
+)
 
 from tta.callbacks import TPT, PredictionWriter
 from tta.datamodules import ImageFolderDataModule, WorldDataModule
 from tta.run_folder import RunFolderError
 from tta.tasks import ZeroShotClassifier
-
-#: One thread per process, so that runs compare bit for bit (see test_runs_at_scale.py).
-ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"OMP_NUM_THREADS": "1"}
-#: TPT makes each batch take long enough to act between batches; 12 batches of 4.
-RUN = [
-    "tta=tpt",
-    "tta.callbacks.tpt.n_views=8",
-    "data.domains=[clean]",
-    "data.n_per_domain=48",
-    "data.batch_size=4",
-    "trainer.enable_progress_bar=false",
-    "print_table=false",
-]
-BATCHES = 12
-HEADER = b"index,domain,label,pred,confidence,pred_zs,confidence_zs\n"
-
-
-def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(console_script("tta-predict")), *args],
-        cwd=cwd,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
-def tta_predict(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    process = start(args, cwd, **kwargs)
-    out, err = process.communicate(timeout=900)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def batches_done(run: Path) -> int:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
-        return len(json.loads((run / "progress.json").read_text())["batches"])
-    return 0
-
-
-def wait_for_batches(run: Path, n: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while batches_done(run) < n:
-        assert process.poll() is None, f"the run ended before batch {n}: {process.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, f"no batch {n} in {run} after 10 minutes"
-        time.sleep(0.02)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder``, by relative path: to show that nothing was written."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line_error(done: subprocess.CompletedProcess, *expected: str) -> str:
-    """The run was refused with one line on stderr (exit 2, no traceback) that holds ``expected``."""
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tta-predict: error: "), done.stderr[-3000:]
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run of :data:`RUN`, the one every interrupted run must end up equal to."""
-    root = tmp_path_factory.mktemp("reference")
-    done = tta_predict([*RUN, f"hydra.run.dir={root / 'run'}"], root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert batches_done(root / "run") == BATCHES
-    return root / "run"
 
 
 def copy_of(run: Path, tmp_path: Path, name: str) -> Path:
@@ -124,7 +65,8 @@ def test_a_stop_signal_ends_the_run_after_its_batch_with_a_resume_hint(reference
     done = len(progress["batches"])
     assert 2 <= done < BATCHES and not (run / "metrics.json").exists()
     assert err.strip().splitlines()[-1] == (
-        f"tta-predict: stopped by {stop.name} after batch {done} of {BATCHES}; rerun the same command to resume"
+        f"tta-predict: stopped by {stop.name} after batch {done} of {BATCHES}; resume with: "
+        + shlex.join(["tta-predict", *RUN, f"hydra.run.dir={run.relative_to(tmp_path)}"])
     )
     # the finished batches are written whole and nothing else: the uninterrupted run's first rows
     written = (run / "predictions.csv").read_bytes()
@@ -229,7 +171,8 @@ def test_a_sweep_stopped_by_sigterm_and_sigkill_ends_equal_to_an_uninterrupted_o
         _, err = process.communicate(timeout=600)
         if stop == signal.SIGTERM:
             assert process.returncode == 143, err[-3000:]
-            assert re.search(r"stopped by SIGTERM after batch \d+ of 6; rerun the same command to resume", err)
+            resume = r"stopped by SIGTERM after batch \d+ of 6; resume with: tta-predict -m .* hydra.sweep.dir=stopped"
+            assert re.search(resume, err), err[-3000:]
         else:
             assert process.returncode == -signal.SIGKILL
     assert any(batches_done(sweep / str(j)) < per_job for j in range(jobs))
@@ -359,7 +302,7 @@ def test_refusals_are_one_line_naming_the_input_and_the_fix(reference, tmp_path)
         ),
         "a folder of another run": (
             [*(a.replace("=48", "=40") for a in RUN), f"hydra.run.dir={other}"],
-            ["holds the results of a different run (data.n_per_domain is 48 there, 40 here)"],
+            ["holds the results of a different run: data.n_per_domain is 48 there, 40 here"],
         ),
         "a run directory under a file": (
             [*RUN, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"],
@@ -456,7 +399,12 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write rather than kill the process
 
     done = tta_predict(args, tmp_path, preexec_fn=limit_file_size)
-    one_line_error(done, f"cannot write {tmp_path / 'run' / 'predictions.csv'} (File too large)", "rerun the same")
+    one_line_error(
+        done,
+        f"cannot write {tmp_path / 'run' / 'predictions.csv'} (File too large)",
+        "rerun to resume (finished batches are kept); resume with: "
+        + shlex.join(["tta-predict", *args[:-1], "hydra.run.dir=run"]),
+    )
     assert batches_done(tmp_path / "run") == 3
     done = tta_predict(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -497,7 +445,8 @@ def test_report_skips_a_damaged_metrics_json_and_lists_unfinished_runs(tmp_path)
     assert len(warnings) == 1 and warnings[0].startswith(
         f"tta-report: warning: skipping {sweep / '2' / 'metrics.json'}"
     )
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| none"))
+    report = (sweep / "report.md").read_text()  # the markdown table; the printed one is compact
+    row = next(line for line in report.splitlines() if line.startswith("| none"))
     assert "| 2 |" in row and "60.0 ± 14.1" in row  # the two readable runs
     assert "Unfinished runs (1" in done.stdout and "- 3: 3 batches written" in done.stdout
-    assert "- 3: 3 batches written" in (sweep / "report.md").read_text()
+    assert "- 3: 3 batches written" in report

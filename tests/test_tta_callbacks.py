@@ -200,7 +200,7 @@ def test_a_batch_whose_images_all_failed_to_decode_passes_through(world_module, 
     for bad in (root / "pear").iterdir():
         bad.write_bytes(b"not an image")  # the whole second batch (sorted stream, batch 2) fails
     data = ImageFolderDataModule(
-        root, image_size=64, batch_size=2, stream="sorted", class_names=["red circle", "blue square"]
+        root, image_size=64, batch_size=2, stream="sorted", class_names=["red circle", "green circle"]
     )
     writer = PredictionWriter(tmp_path / "run", seed=0)
     trainer = pl.Trainer(

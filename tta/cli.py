@@ -7,8 +7,11 @@
     tta-predict list                              # config groups, every method's options, the cards
 
 The run directory is locked for the whole run and checked before anything is written in it
-(its config record ``.hydra/`` included, which this command writes itself once the check
-passed). SIGTERM or SIGINT stops after the current batch, with exit code 143 or 130.
+(its config record ``.hydra/`` and ``cli.log`` included, which are written once the check
+passed): first against the config, then, once the model and data are built, against the
+fingerprints of the weights and the data files too. SIGTERM or SIGINT stops after the current
+batch (exit code 143 or 130) and prints the command that resumes the run; at any other moment
+it stops at once, with one line.
 
 Start-up is kept short: this module imports only Hydra, OmegaConf and the standard library;
 torch, Lightning and open_clip are imported by :func:`run`, after the config is composed and
@@ -18,10 +21,18 @@ checked (so ``--help``, ``list`` and a config error answer in about a second).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib
 import io
 import logging
+import math
 import os
+import re
+import shlex
+import signal
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +41,23 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tta.run_folder import DirectoryLock, RunFolderError, RunStopped, check_run_directory, make_directory, write_atomic
+from tta.run_folder import (
+    DirectoryLock,
+    Interrupted,
+    RunFolderError,
+    RunStopped,
+    check_run_directory,
+    finished_batches,
+    make_directory,
+    raise_on_stop_signals,
+    write_atomic,
+)
+from tta.status import SlowStep
+from tta.validation import OptionError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -57,12 +81,41 @@ def run_key(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Values the config leaves unset (``???``) and a seed that is no integer, as one line each."""
+    """Values the config leaves unset (``???``), a seed that is no integer and numbers that are
+    not finite (``lr=nan``, ``lr=inf``: no option of ours takes them), as one line each, before
+    anything is built."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{missing[0]} is not set: add {missing[0]}=<value> to the command")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}: set seed=<integer>, e.g. seed=0")
+    for key, value in _numbers(OmegaConf.to_container(cfg, resolve=True)):
+        if not math.isfinite(value):
+            raise OptionError(key, f"must be a finite number, got {value}: give it a finite value")
+
+
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``(dotted key, value)`` of every float in a plain config."""
+    if isinstance(node, dict):
+        return [found for key, value in node.items() for found in _numbers(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [found for k, value in enumerate(node) for found in _numbers(value, f"{prefix.rstrip('.')}[{k}].")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
+
+
+def _instantiate(node: DictConfig, where: str, **kwargs: Any) -> Any:
+    """``instantiate(node)``, a bad option's error naming it from where it lives in the config
+    (``where``, e.g. ``tta.callbacks.tpt``, or the nested object's key that Hydra reports)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = _user_error(error)
+        if isinstance(cause, OptionError):
+            nested = re.search(r"full_key: (\S+)", str(error))
+            raise cause.within(nested.group(1) if nested else where) from None
+        raise
+    except OptionError as error:
+        raise error.within(where) from None
 
 
 def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -74,7 +127,7 @@ def tta_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         if "_target_" not in node:
             log.warning("tta.callbacks.%s sets options of a method that tta= does not select; ignored", name)
             continue
-        callbacks.append(instantiate(node))
+        callbacks.append(_instantiate(node, f"tta.callbacks.{name}"))
     return callbacks
 
 
@@ -115,20 +168,24 @@ def with_model_preprocessing(data_cfg: DictConfig, preprocessing: dict[str, Any]
     return data_cfg
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
+def run(cfg: DictConfig, output_dir: str | Path, launching: bool = True) -> dict[str, Any] | None:
     """Build everything from ``cfg`` and predict; returns the run's metrics (``None`` on DDP
     ranks other than 0).
 
     The model is built first and the data set checked next, so a bad name, path or class
-    list fails before any long work starts. If ``output_dir`` holds this run's finished
-    batches (a stopped run, same config), prediction resumes after them; a finished run is
-    not predicted again.
+    list fails before any long work starts. Then the run directory is checked against the whole
+    run key (the config, and the fingerprints of the weights and the data files) and, in the
+    ``launching`` process, the config record is written and ``cli.log`` starts. If
+    ``output_dir`` holds this run's finished batches (a stopped run, same key), prediction
+    resumes after them; a finished run is not predicted again.
     """
     check_config(cfg)
-    import pytorch_lightning as pl
-    import torch
+    with SlowStep("loading torch, Lightning and open_clip"):
+        import pytorch_lightning as pl
+        import torch
 
-    from tta.callbacks import PredictionWriter, TTAProgressBar
+        from tta.callbacks import PredictionWriter, TTAProgressBar
+        from tta.callbacks.writer import run_inputs
 
     # Lightning's start-up banners (device summary, product tips) drown the table
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -139,17 +196,60 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     log.info("torch CPU threads: %s", threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     check_accelerator(cfg)
-    module = instantiate(cfg.model)
-    datamodule = instantiate(with_model_preprocessing(cfg.data, module.preprocessing))
+    check_logger_package(cfg)
+    with SlowStep(f"building the model ({_choice('model')})"):
+        module = _instantiate(cfg.model, "model")
+    with SlowStep(f"reading the data set ({_choice('data')})"):
+        datamodule = _instantiate(with_model_preprocessing(cfg.data, module.preprocessing), "data")
+    if hasattr(module, "check_datamodule"):  # e.g. class names in another order than the data's
+        module.check_datamodule(datamodule)
     callbacks = tta_callbacks(cfg)
+    with SlowStep("fingerprinting the model's weights and the data's files"):
+        key = run_key(cfg) | {"inputs": run_inputs(module, datamodule)}
+    if launching:
+        check_run_directory(output_dir, key)
+        if HydraConfig.initialized():  # tta-predict (run() from Python has no Hydra record to write)
+            write_config_record(Path(output_dir), cfg)
+        RunLog.accept_all()
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "torch_threads": torch.get_num_threads()}
-    writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=run_key(cfg), run_info=run_info)
+    writer = PredictionWriter(output_dir, seed=cfg.seed, run_key=key, run_info=run_info)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TTAProgressBar())
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, writer], logger=logger)
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.metrics
+
+
+def _choice(group: str) -> str:
+    """The option chosen for a config group (``tta_world_resnet``), or the group's name outside a Hydra run."""
+    with contextlib.suppress(ValueError, KeyError):
+        return str(HydraConfig.get().runtime.choices[group])
+    return group
+
+
+#: The packages each logger option can use (one suffices), and how to install them.
+LOGGER_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'tta[loggers]'"),
+    "mlflow": (("mlflow",), "pip install 'tta[loggers]'"),
+    "wandb": (("wandb",), "pip install wandb"),
+}
+
+
+def check_logger_package(cfg: DictConfig) -> None:
+    """A logger whose package is missing: one line naming what to install, before any long work
+    (the logger itself is built once the run directory is accepted: MLflow's creates its store)."""
+    choice = _choice("logger")
+    if not cfg.get("logger") or choice not in LOGGER_PACKAGES:
+        return
+    packages, install = LOGGER_PACKAGES[choice]
+    for package in packages:
+        try:
+            importlib.import_module(package)
+            return
+        except ImportError:
+            continue
+    raise ImportError(f"logger={choice} needs the package {packages[0]}, which is not installed: {install}")
 
 
 def check_accelerator(cfg: DictConfig) -> None:
@@ -263,6 +363,97 @@ def _user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, USER_ERRORS) else None
 
 
+class RunLog(logging.FileHandler):
+    """``cli.log``: the run's log lines, held back until the run directory is accepted
+    (:meth:`accept_all`, once the run key is checked), so that a refused run writes no log into
+    a folder it does not own. Until then the lines only reach the terminal; a refused run drops
+    them here (configs/predict.yaml names this class for Hydra's ``file`` log handler)."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None, delay: bool = True) -> None:
+        super().__init__(filename, mode, encoding, delay=True)
+        self._held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is not None:
+            self._held.append(record)
+        else:
+            super().emit(record)
+
+    def accept(self) -> None:
+        held, self._held = self._held, None
+        for record in held or []:
+            super().emit(record)
+
+    def write_line(self, message: str, level: int = logging.ERROR) -> None:
+        """A line that did not go through logging (the closing error), if the log is accepted."""
+        if self._held is None:
+            super().emit(logging.LogRecord(log.name, level, __file__, 0, message, None, None))
+
+    @staticmethod
+    def instances() -> list[RunLog]:
+        return [h for h in logging.getLogger().handlers if isinstance(h, RunLog)]
+
+    @classmethod
+    def accept_all(cls) -> None:
+        for handler in cls.instances():
+            handler.accept()
+
+
+def _shown_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies under it (shorter to read and retype)."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return relative if not relative.startswith("..") else str(path)
+
+
+def resume_command() -> str:
+    """The command that resumes this run: the user's command line with the run (or, in a sweep,
+    the sweep) directory set to this one, so that a timestamped default directory is reused."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    setting = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    directory = hydra_cfg.sweep.dir if multirun else hydra_cfg.runtime.output_dir
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    return shlex.join(["tta-predict", *args, f"{setting}={_shown_path(directory)}"])
+
+
+def stopped_message(received: signal.Signals, output_dir: Path | None, done: int | None = None, total: int = 0) -> str:
+    """The one line a stop signal ends the run with: what was kept and the command that resumes it."""
+    if output_dir is None:
+        return f"stopped by {received.name} during start-up; nothing was written"
+    if (output_dir / "metrics.json").is_file() and done is None:
+        return f"stopped by {received.name} after the run had finished; its results are in {_shown_path(output_dir)}"
+    kept = finished_batches(output_dir) if done is None else done
+    where = f"after batch {kept} of {total}" if total else f"with {kept} finished batches kept"
+    if not kept and not total:
+        where = "before any batch was finished"
+    return f"stopped by {received.name} {where}; resume with: {resume_command()}"
+
+
+#: Linux's prctl option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launching_process(grace_s: float = 30.0) -> None:
+    """In a DDP process that Lightning started (rank > 0): when the process that started it dies,
+    however it dies (``kill -9`` included), stop too: SIGTERM to itself, which ends the run after
+    the current batch; if it is stuck in a collective with the dead process, exit ``grace_s``
+    later. Without this it would run on alone and hold its part of the run directory. On Linux
+    the kernel sends the SIGTERM at once (``PR_SET_PDEATHSIG``); a thread that watches the parent
+    process sends it elsewhere and ends a stuck process."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    def watch() -> None:
+        while os.getppid() == parent and parent != 1:  # 1: the parent died before this process looked
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="tta-watch-launching-process", daemon=True).start()
+
+
 def write_config_record(output_dir: Path, cfg: DictConfig) -> None:
     """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them, written
     here (``hydra.output_subdir`` is null) so that a refused run leaves the folder's record alone."""
@@ -296,10 +487,12 @@ class RunDirectoryCheck(Callback):
 
 
 def _fail(message: Any, exit_code: int = 2, label: str = "error: ") -> None:
-    """Print one line on stderr and exit."""
+    """Print one line on stderr (and into ``cli.log`` once the run owns it) and exit."""
     from rich.console import Console
     from rich.markup import escape
 
+    for handler in RunLog.instances():
+        handler.write_line(f"tta-predict: {label}{message}")
     Console(stderr=True).print(
         f"[bold red]tta-predict: {label}[/]{escape(str(message))}", highlight=False, soft_wrap=True
     )
@@ -319,27 +512,33 @@ def _launching_process() -> bool:
 def _main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     # the processes that Lightning (or SLURM) starts for DDP ranks > 0 run this too: the
-    # launching process alone owns the directory and its record
+    # launching process alone owns the directory and its record, and reports
     launching = _launching_process()
+    if not launching:
+        stop_with_launching_process()
     try:
         check_config(cfg)
         with DirectoryLock(output_dir) if launching else contextlib.nullcontext():
             if launching:
-                check_run_directory(output_dir, run_key(cfg))
-                write_config_record(output_dir, cfg)
+                # the config part of the run key now, the fingerprints once the model and data are built
+                check_run_directory(output_dir, run_key(cfg), unchecked=("inputs",))
                 log.info("run directory: %s", output_dir)
-            metrics = run(cfg, output_dir)
-    except RunStopped as stop:
-        if not launching:
-            sys.exit(stop.exit_code)
-        _fail(stop, stop.exit_code, label="")
-    except KeyboardInterrupt:  # Ctrl-C before the first batch or after the last: nothing half-written
-        _fail("stopped by SIGINT; rerun the same command to resume", 130, label="")
+            metrics = run(cfg, output_dir, launching)
+    except (RunStopped, Interrupted, KeyboardInterrupt) as stop:
+        if not launching:  # the launching process reports the stop; 0 keeps Lightning's observer from killing it
+            sys.exit(0)
+        if isinstance(stop, RunStopped):
+            _fail(stopped_message(stop.received, output_dir, stop.done, stop.total), stop.exit_code, label="")
+        received = stop.received if isinstance(stop, Interrupted) else signal.SIGINT
+        _fail(stopped_message(received, output_dir), 128 + int(received), label="")
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
             raise
-        _fail(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
+        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+        if getattr(cause, "resumable", False):
+            message += f"; resume with: {resume_command()}"
+        _fail(message)
     if metrics is None:  # a DDP rank other than 0: rank 0 reports
         return
     if cfg.print_table:
@@ -351,11 +550,23 @@ def _main(cfg: DictConfig) -> None:
 
 def predict() -> None:
     """Console-script entry point of ``tta-predict`` (``list`` or ``--help``: every knob, see
-    :mod:`tta.config_help`)."""
-    if sys.argv[1:2] == ["list"] or {"-h", "--help"} & set(sys.argv[1:]):
-        from tta.config_help import describe
+    :mod:`tta.config_help`). From here on SIGINT and SIGTERM end the command with one line
+    (after the current batch once batches run)."""
+    raise_on_stop_signals()
+    try:
+        if sys.argv[1:2] == ["list"] or {"-h", "--help"} & set(sys.argv[1:]):
+            from tta.config_help import describe
 
-        with contextlib.suppress(BrokenPipeError):  # tta-predict list | head
-            print(describe())
-        return
-    _main()
+            with contextlib.suppress(BrokenPipeError):  # tta-predict list | head
+                print(describe())
+            return
+        from tta.overrides import check_overrides
+
+        # a mistyped key, answered with the closest keys before Hydra's own advice (append it with +)
+        message = check_overrides(sys.argv[1:]) if _launching_process() else None
+        if message:
+            _fail(message)
+        _main()
+    except (Interrupted, KeyboardInterrupt) as stop:  # before Hydra made a run directory
+        received = stop.received if isinstance(stop, Interrupted) else signal.SIGINT
+        _fail(stopped_message(received, None), 128 + int(received), label="")

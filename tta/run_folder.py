@@ -32,6 +32,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,21 @@ from typing import Any
 PREDICTIONS, TIMING, PROGRESS, LOCK = "predictions.csv", "timing.csv", "progress.json", "run.lock"
 TIMING_COLUMNS = ("index", "ms", "adapt_ms")
 #: Layout version of ``progress.json``; a folder written with another one is refused.
-PROGRESS_FORMAT = 2
+PROGRESS_FORMAT = 3  # 3: the run key holds the inputs' fingerprints (weights, data files)
 #: How many undecodable image paths a run keeps to show at its end.
 SHOWN_SKIPPED_PATHS = 5
 
 
 class RunFolderError(ValueError):
-    """A run folder that cannot be used as it is; the message names the file and the fix."""
+    """A run folder that cannot be used as it is; the message names the file and the fix.
+
+    ``resumable``: the finished batches are kept and a rerun resumes after them (a full disk),
+    so ``tta-predict`` adds the command that does so.
+    """
+
+    def __init__(self, message: str, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 class RunStopped(Exception):
@@ -58,7 +67,34 @@ class RunStopped(Exception):
     def __init__(self, received: signal.Signals, done: int, total: int) -> None:
         self.received, self.done, self.total = received, done, total
         self.exit_code = 128 + int(received)
-        super().__init__(f"stopped by {received.name} after batch {done} of {total}; rerun the same command to resume")
+        super().__init__(
+            f"stopped by {received.name} after batch {done} of {total}; rerun with the same settings and "
+            "output directory to resume"
+        )
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the batch loop (start-up, setup, the end of a run), raised by the
+    handlers of :func:`raise_on_stop_signals`. A ``BaseException`` like ``KeyboardInterrupt``, so
+    that no ``except Exception`` swallows it, but not one: Lightning turns a ``KeyboardInterrupt``
+    into a silent ``exit(1)``."""
+
+    def __init__(self, received: signal.Signals) -> None:
+        super().__init__(received.name)
+        self.received = received
+        self.exit_code = 128 + int(received)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum))
+
+
+def raise_on_stop_signals() -> None:
+    """From now on SIGTERM and SIGINT raise :class:`Interrupted` in the main thread (where a run
+    is not in its batch loop, whose :class:`StopSignals` stop it after the current batch)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in StopSignals.SIGNALS:
+            signal.signal(signum, _raise_interrupted)
 
 
 def _reason(error: OSError) -> str:
@@ -67,8 +103,9 @@ def _reason(error: OSError) -> str:
 
 def _cannot_write(path: Path, error: OSError) -> RunFolderError:
     return RunFolderError(
-        f"cannot write {path} ({_reason(error)}): free disk space or make the folder writable, then rerun "
-        "the same command to resume (finished batches are kept)"
+        f"cannot write {path} ({_reason(error)}): free disk space or make the folder writable, then rerun to "
+        "resume (finished batches are kept)",
+        resumable=True,
     )
 
 
@@ -110,16 +147,27 @@ _HELD: dict[str, list[Any]] = {}
 _HELD_GUARD = threading.Lock()
 
 
+def _try_lock(lock_file: Any) -> bool:
+    """Take the exclusive lock if it is free; False while another process holds it."""
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class DirectoryLock:
     """An exclusive OS lock (``flock``) on a run directory, for as long as this object holds it.
 
-    A second process that asks for it gets a :class:`RunFolderError` at once, naming the PID and
-    host that hold it. The kernel drops the lock when the holder's process ends, even on
-    ``kill -9``, so there is no stale lock to clean up.
+    A second process that asks for it gets a :class:`RunFolderError` at once (or after waiting
+    ``wait_s`` seconds for the holder to let go), naming the PID and host that hold it. The
+    kernel drops the lock when the holder's process ends, even on ``kill -9``, so there is no
+    stale lock to clean up.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, wait_s: float = 0.0) -> None:
         self.directory = Path(directory)
+        self.wait_s = wait_s
         self._key: str | None = None
 
     def acquire(self) -> DirectoryLock:
@@ -135,8 +183,12 @@ class DirectoryLock:
                 lock_file = open(path, "a+")  # noqa: SIM115 (held until release)
             except OSError as error:
                 raise _cannot_write(path, error) from None
+            deadline = time.monotonic() + self.wait_s
             try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                while not _try_lock(lock_file):
+                    if time.monotonic() >= deadline:
+                        raise BlockingIOError(errno.EWOULDBLOCK, "held by another process")
+                    time.sleep(0.2)
             except OSError as error:
                 lock_file.seek(0)
                 holder = lock_file.read().strip()
@@ -194,16 +246,31 @@ def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if recorded == current else [prefix.rstrip(".") or "settings"]
 
 
-def _describe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+def _setting_value(settings: Any, name: str) -> str:
+    for part in name.split("."):
+        settings = settings.get(part, "<unset>") if isinstance(settings, dict) else "<unset>"
+    return json.dumps(settings)
+
+
+#: What to do about a difference, by the first part of its name (the rest: other settings).
+_FIXES = {
+    "inputs.weights": "the model's weights are not the ones that run used: restore them, or write to another directory",
+    "inputs.data": "the data's files are not the ones that run read (added, removed or changed files): restore "
+    "them, or write to another directory",
+}
+
+
+def describe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    """One line: the first setting that differs with both values in full, the names of the others,
+    and the fix."""
     found = differences(recorded, current)
-
-    def value(settings: dict[str, Any], name: str) -> str:
-        for part in name.split("."):
-            settings = settings.get(part, "<unset>") if isinstance(settings, dict) else "<unset>"
-        return json.dumps(settings)[:60]
-
-    shown = "; ".join(f"{name} is {value(recorded, name)} there, {value(current, name)} here" for name in found[:3])
-    return shown + (f" (and {len(found) - 3} more)" if len(found) > 3 else "")
+    first = found[0]
+    text = f"{first} is {_setting_value(recorded, first)} there, {_setting_value(current, first)} here"
+    if len(found) > 1:
+        others = ", ".join(found[1:5]) + (", ..." if len(found) > 5 else "")
+        text += f"; {len(found) - 1} more differ: {others}"
+    fix = next((fix for prefix, fix in _FIXES.items() if first.startswith(prefix)), None)
+    return f"{text}: {fix or 'resume it with the same settings, or write to another directory'}"
 
 
 # --- one process's files ----------------------------------------------------------------------
@@ -255,10 +322,14 @@ class RunPart:
         run: the run's settings, plain data: a folder holding another run's rows is refused.
         columns: the columns of ``predictions.csv``; ``None``: those recorded (a check before the
             model that declares them is built).
+        unchecked: top-level entries of the recorded settings left out of the comparison (a check
+            before the inputs they describe are known: ``run`` has none of them).
     """
 
-    def __init__(self, directory: str | Path, run: dict[str, Any], columns: Sequence[str] | None) -> None:
-        self.directory, self.run = Path(directory), run
+    def __init__(
+        self, directory: str | Path, run: dict[str, Any], columns: Sequence[str] | None, unchecked: Sequence[str] = ()
+    ) -> None:
+        self.directory, self.run, self.unchecked = Path(directory), run, tuple(unchecked)
         self.columns = None if columns is None else tuple(columns)
         self.predictions = self.directory / PREDICTIONS
         self.timing = self.directory / TIMING
@@ -305,11 +376,14 @@ class RunPart:
                 f"{self.progress} is damaged ({problem}): move {self.directory} aside (or delete it) and rerun "
                 "to start over"
             )
-        if state["run"] != self.run:
-            found = _describe_differences(state["run"], self.run)
+        recorded = (
+            {k: v for k, v in state["run"].items() if k not in self.unchecked}
+            if isinstance(state["run"], dict)
+            else state["run"]
+        )
+        if recorded != self.run:
             raise RunFolderError(
-                f"{self.directory} holds the results of a different run ({found}): "
-                "resume it with the same settings, or write to another directory (tta-predict: hydra.run.dir=...)"
+                f"{self.directory} holds the results of a different run: {describe_differences(recorded, self.run)}"
             )
         if self.columns is None:
             self.columns = tuple(state["columns"])
@@ -367,9 +441,10 @@ class RunPart:
 
     # -- writing --
 
-    def open(self) -> int:
-        """Lock, verify, drop a cut-off batch's rows, and open for appending; returns the finished batches."""
-        self._lock = DirectoryLock(self.directory).acquire()
+    def open(self, wait_s: float = 0.0) -> int:
+        """Lock (waiting up to ``wait_s`` seconds for a holder to let go), verify, drop a cut-off
+        batch's rows, and open for appending; returns the finished batches."""
+        self._lock = DirectoryLock(self.directory, wait_s).acquire()
         try:
             state = self.read_state()
             ends = self.verified_ends(state) if state is not None else {PREDICTIONS: 0, TIMING: 0}
@@ -456,17 +531,34 @@ class RunPart:
             self._lock = None
 
 
-def check_run_directory(directory: str | Path, run: dict[str, Any]) -> None:
+def check_run_directory(directory: str | Path, run: dict[str, Any], unchecked: Sequence[str] = ()) -> int:
     """Refuse, without writing anything, a directory that holds another run or damaged files:
-    what ``tta-predict`` checks before it writes its config record. The columns are not known
-    yet (the model is not built), so they are checked when the writer opens the folder."""
+    what ``tta-predict`` checks before it builds the model (``unchecked``: the entries of the run
+    key not known yet, see :class:`RunPart`) and again, with the whole key, before it writes its
+    config record. The columns are checked when the writer opens the folder. Returns the batches
+    finished there (over all DDP parts)."""
     directory = Path(directory)
     parts = sorted((directory / "parts").glob("rank*of*")) if (directory / "parts").is_dir() else [directory]
+    done = 0
     for folder in parts:
-        part = RunPart(folder, run, None)
+        part = RunPart(folder, run, None, unchecked)
         state = part.read_state()
         if state is not None:
             part.verified_ends(state)
+            done += len(state["batches"])
+    return done
+
+
+def finished_batches(directory: str | Path) -> int:
+    """How many batches ``directory`` (all its DDP parts) records as finished, read without checks
+    (0 where nothing readable is recorded): for messages, never for resuming."""
+    directory = Path(directory)
+    parts = sorted((directory / "parts").glob("rank*of*")) if (directory / "parts").is_dir() else [directory]
+    done = 0
+    for folder in parts:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            done += len(json.loads((folder / PROGRESS).read_text())["batches"])
+    return done
 
 
 def merge_parts(directory: str | Path, run: dict[str, Any], columns: Sequence[str], world_size: int) -> list[dict]:

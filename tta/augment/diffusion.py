@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from tta.validation import check_number
+
 #: ``pretrained`` value of the tiny random pipeline (plumbing checks offline; not a model).
 TINY_PIPELINE = "tta-tiny-image-variation"
 #: DiffTPT's weights.
@@ -175,14 +177,12 @@ class DiffusionViewGenerator:
         cache_dir: str | None = "~/.cache/tta/difftpt_views",
         tiny_seed: int = 0,
     ) -> None:
-        if n_views < 1:
-            raise ValueError(f"n_views must be >= 1 (variations per image), got {n_views}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (views per pipeline call), got {batch_size}")
-        if output_size is not None and output_size < 1:
-            raise ValueError(f"output_size must be a positive side in pixels or None, got {output_size}")
+        check_number("n_views", n_views, 1, integer=True)  # variations per image
+        check_number("guidance_scale", guidance_scale)
+        check_number("num_inference_steps", num_inference_steps, 1, integer=True)
+        check_number("batch_size", batch_size, 1, integer=True)  # views per pipeline call
+        check_number("output_size", output_size, 1, integer=True, optional=True)  # side in pixels
+        check_number("tiny_seed", tiny_seed, integer=True)
         if any(s is not None and (s < 8 or s % 8) for s in (height, width)):
             raise ValueError(f"height and width must be multiples of 8 (or None), got {height} and {width}")
         if dtype != "auto" and dtype not in DTYPES:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tta.validation import OptionError, check_number
+
 #: Iterations between two host-side convergence checks of :func:`fixed_point` (see there).
 CHECK_EVERY = 10
 #: The reference's unary term is ``-log(p + UNARY_EPS)``: a class below 1e-10 is not ruled out.
@@ -99,16 +101,11 @@ AFFINITIES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 def check_lame_args(affinity: str, k: int, max_iter: int, tol: float) -> None:
     """Clear errors for settings LAME cannot run with."""
     if affinity not in AFFINITIES:
-        raise ValueError(f"affinity must be one of {sorted(AFFINITIES)}, got {affinity!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(
-            f"k must be an integer >= 1 (neighbours for knn, the k-th nearest point for the "
-            f"rbf bandwidth; ignored by linear), got {k!r}"
-        )
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1 (the paper uses 100), got {max_iter!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0 (0: always run max_iter iterations; the paper uses 1e-8), got {tol!r}")
+        raise OptionError("affinity", f"must be one of {sorted(AFFINITIES)}, got {affinity!r}")
+    # k: neighbours for knn, the k-th nearest point for the rbf bandwidth (ignored by linear)
+    check_number("k", k, 1, integer=True)
+    check_number("max_iter", max_iter, 1, integer=True)  # the paper: 100
+    check_number("tol", tol, 0)  # 0: always run max_iter iterations; the paper: 1e-8
 
 
 def fixed_point(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tta.metrics.groups import best_matching, check_score_matrices, group_match_margin
 from tta.models.vlm import VisionLanguageModel
+from tta.validation import check_number
 
 LOSSES = ("auto", "infonce", "sigmoid")
 
@@ -60,20 +61,13 @@ class TTMSchedule:
     weight_decay: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.rounds < 1 or self.epochs < 1 or self.groups_per_batch < 1:
-            raise ValueError(
-                f"rounds, epochs and groups_per_batch must be >= 1, got {self.rounds}, "
-                f"{self.epochs}, {self.groups_per_batch}"
-            )
-        if self.tau_max < 0:
-            raise ValueError(f"tau_max is a margin in logit units and must be >= 0, got {self.tau_max}")
-        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(
-                f"need lr > 0, 0 < lr_decay <= 1, 0 <= min_lr_ratio <= 1; got {self.lr}, "
-                f"{self.lr_decay}, {self.min_lr_ratio}"
-            )
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("rounds", "epochs", "groups_per_batch"):
+            check_number(name, getattr(self, name), 1, integer=True)
+        check_number("tau_max", self.tau_max, 0)  # a margin in logit units
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("lr_decay", self.lr_decay, 0, 1, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("weight_decay", self.weight_decay, 0)
 
     def tau(self, round_index: int) -> float:
         """Threshold of round ``round_index``: linear from ``tau_max`` (first round) to 0 (last)."""
@@ -240,9 +234,15 @@ class TestTimeMatching:
         )
         return self.vlm.logits(image_features.view(n, m, -1), text_features.view(n, k, -1))
 
-    def fit_groups(self, images: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[RoundLog]:
+    def fit_groups(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[Sequence[str]],
+        on_round: Callable[[RoundLog], None] | None = None,
+    ) -> list[RoundLog]:
         """Run every round on ``N`` groups: ``N x k x 3 x H x W`` images with ``k`` captions each
-        (k x k), or ``N x 1 x 3 x H x W`` images with ``k`` options each (1 x k multiple choice)."""
+        (k x k), or ``N x 1 x 3 x H x W`` images with ``k`` options each (1 x k multiple choice).
+        ``on_round`` is called with each round's log as it ends (progress)."""
         images = self._check_groups(images, captions)
 
         def select(tau: float) -> _Selection:
@@ -269,7 +269,7 @@ class TestTimeMatching:
                 int((permutation[keep] == identity).all(1).sum()),
             )
 
-        return self._run(select)
+        return self._run(select, on_round)
 
     def fit_set(self, images: torch.Tensor, captions: Sequence[str]) -> list[RoundLog]:
         """Run every round on data without groups: ``M x 3 x H x W`` images and ``C`` captions,
@@ -295,7 +295,7 @@ class TestTimeMatching:
 
         return self._run(select)
 
-    def _run(self, select) -> list[RoundLog]:
+    def _run(self, select, on_round: Callable[[RoundLog], None] | None = None) -> list[RoundLog]:
         generator = torch.Generator().manual_seed(self.seed)
         self.vlm.requires_grad_(True)
         for t in range(self.schedule.rounds):
@@ -331,6 +331,8 @@ class TestTimeMatching:
                     seconds=time.perf_counter() - start,
                 )
             )
+            if on_round is not None:
+                on_round(self.rounds[-1])
         self.vlm.requires_grad_(False)
         return self.rounds
 

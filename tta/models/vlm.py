@@ -32,6 +32,26 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     return names
 
 
+def comparable_name(name: str) -> str:
+    """A class name as prompts tell names apart: case, underscores, hyphens and runs of spaces aside
+    (``"Red_circle"`` and ``"red  circle"`` name the same class)."""
+    return " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
+
+
+def misplaced_class_name(given: Sequence[str], reference: Sequence[str]) -> tuple[int, int] | None:
+    """``(i, j)`` where ``given[i]`` names (as :func:`comparable_name` compares) the class at position
+    ``j != i`` of ``reference`` and not its own: a list in another order, whose labels would be
+    swapped; ``None`` where no name is out of place."""
+    positions: dict[str, set[int]] = {}
+    for j, name in enumerate(reference):
+        positions.setdefault(comparable_name(name), set()).add(j)
+    for i, name in enumerate(given):
+        found = positions.get(comparable_name(name), set())
+        if found and i not in found:
+            return i, min(found)
+    return None
+
+
 @cache
 def _warn_duplicates(duplicates: tuple[str, ...]) -> None:
     """Once per process and list of duplicates (the names are checked by several layers)."""
@@ -86,6 +106,7 @@ class VisionLanguageModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.preprocess_cfg = dict(preprocess_cfg)
         size = preprocess_cfg["size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.resize_mode: str = preprocess_cfg.get("resize_mode", "shortest")

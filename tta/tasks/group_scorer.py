@@ -12,6 +12,7 @@ from typing_extensions import override
 from tta.metrics.groups import group_match_margin, group_score, image_score, multiple_choice_correct, text_score
 from tta.models.vlm import VisionLanguageModel
 from tta.tasks.base import OverVLM
+from tta.validation import check_finite
 
 #: Per-group metrics of a k x k group (1 x k items have only ``text_score``: the correct option wins).
 GROUP_METRICS = ("text_score", "image_score", "group_score", "group_match")
@@ -98,8 +99,14 @@ class GroupScorer(OverVLM, pl.LightningModule):
         kinds = batch.get("kind") or [""] * len(batch["index"])
         if len(batch["index"]) == 0:
             return {"scores": torch.zeros(0, 1, 1), "index": batch["index"], "domain": [], "kind": []}
+        scores = self(batch["images"], batch["captions"])
+        hint = (
+            "check the model's weights, run in full precision (trainer.precision=32-true), or, after TTM, lower "
+            "its learning rate (tta.callbacks.ttm.lr)"
+        )
+        check_finite(scores, batch["index"], "the model", self._trainer, batch_idx, hint)
         return {
-            "scores": self(batch["images"], batch["captions"]),
+            "scores": scores,
             "index": batch["index"],
             "domain": list(batch["domain"]),
             "kind": list(kinds),

@@ -88,6 +88,7 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         self._model_name = model_name
+        self.pretrained, self.model_kwargs = pretrained, dict(model_kwargs or {})
         if isinstance(pretrained, str):
             self.model = self._load_checkpoint(Path(pretrained).expanduser(), num_classes, kwargs)
         else:
@@ -185,4 +186,4 @@ class TimmClassifier(ClassifierPredictions, pl.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return predict_outputs(self, batch)
+        return predict_outputs(self, batch, batch_idx)

@@ -10,8 +10,9 @@ import torch
 from typing_extensions import override
 
 from tta.metrics import summarize
-from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates
+from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates, misplaced_class_name
 from tta.tasks.base import OverVLM
+from tta.validation import check_finite
 
 
 def check_batch(batch: dict[str, Any], n_classes: int) -> None:
@@ -34,11 +35,20 @@ def check_batch(batch: dict[str, Any], n_classes: int) -> None:
         raise ValueError(f"images with sample index {bad} contain NaN: check the data source")
 
 
-def predict_outputs(module: pl.LightningModule, batch: dict[str, Any]) -> dict[str, Any]:
+#: What to change when a model's own logits are not finite.
+NON_FINITE_MODEL_HINT = (
+    "check the model's weights (model.vlm.pretrained: a damaged or half-trained checkpoint?), or run in full "
+    "precision (trainer.precision=32-true)"
+)
+
+
+def predict_outputs(module: pl.LightningModule, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
     """The documented prediction dict of a classifier whose ``forward`` gives logits, probs and
-    image features: the batch is checked, and its label, index and domain are passed on."""
+    image features: the batch is checked, its label, index and domain are passed on, and logits
+    that are not finite stop the run (:class:`~tta.validation.NonFiniteError`)."""
     check_batch(batch, len(module.class_names))
     out = module(batch["image"])
+    check_finite(out["logits"], batch["index"], "the model", module._trainer, batch_idx, NON_FINITE_MODEL_HINT)
     out.update(label=batch["label"], index=batch["index"], domain=list(batch["domain"]))
     return out
 
@@ -108,11 +118,29 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
         self.class_names = None if class_names is None else check_class_names(class_names)
         self.templates = check_templates(templates)
 
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Refuse class names that are the datamodule's in another order (labels index the
+        datamodule's list, prompts use this one): called at ``setup``, and by ``tta-predict``
+        before it writes anything."""
+        names = getattr(datamodule, "class_names", None)
+        if self.class_names is None or not names:
+            return
+        misplaced = misplaced_class_name(self.class_names, names)
+        if misplaced is not None:
+            i, j = misplaced
+            raise ValueError(
+                f"model.class_names {self.class_names} are the data set's classes in another order (case, "
+                f"spaces and underscores aside, {self.class_names[i]!r} is at position {i} but names the data "
+                f"set's class {j}), which would swap their labels: give them in the data set's order "
+                f"{list(names)}, or leave model.class_names unset"
+            )
+
     @override
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
+        self.check_datamodule(datamodule)
         if self.class_names is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            names = getattr(datamodule, "class_names", None)
             if names is None:
                 raise ValueError(
                     "no class names: pass class_names to ZeroShotClassifier or use a "
@@ -132,4 +160,4 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return predict_outputs(self, batch)
+        return predict_outputs(self, batch, batch_idx)
