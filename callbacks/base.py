@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
+def seed_in_force() -> int | None:
+    """The global seed that ``pytorch_lightning.seed_everything`` set in this process (``None``: not
+    called): what callbacks whose own ``seed`` is ``None`` draw from."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None and seed.lstrip("-").isdigit() else None
+
+
 def sample_seed(run_seed: int, index: int) -> int:
     """The seed of one sample's randomness: a function of the run seed and the sample index only."""
     return (int(run_seed) * 1_000_003 + int(index)) % (2**63 - 1)
@@ -179,7 +186,7 @@ class EpisodicTTA(TTACallback):
                 f"tta.tasks.ZeroShotClassifier (got {type(pl_module).__name__})"
             )
         self._autocast_dtype = AUTOCAST_DTYPES.get(str(trainer.precision))
-        self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._run_seed = self.seed if self.seed is not None else seed_in_force() or 0
         # one scaler for the run, as the reference: its scale moves with the inf/NaN steps it sees
         self.grad_scaler = (
             torch.amp.GradScaler(pl_module.device.type, init_scale=1000)

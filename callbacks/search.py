@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -10,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-from tta.callbacks.base import sample_seed
+from tta.callbacks.base import sample_seed, seed_in_force
 from tta.methods.search import SearchTTASession, search_with_tta
 from tta.tasks.search_runner import SearchEpisodeRunner, episode_outputs, episode_query
 from tta.validation import check_number
@@ -65,7 +64,7 @@ class SearchTTA(pl.Callback):
             raise TypeError(
                 f"SearchTTA adapts search episodes: use tta.tasks.SearchEpisodeRunner (got {type(pl_module).__name__})"
             )
-        self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._run_seed = self.seed if self.seed is not None else seed_in_force() or 0
 
     def session(self, runner: SearchEpisodeRunner, batch: dict[str, Any], k: int) -> SearchTTASession:
         """Episode ``k``'s session (build it under ``inference_mode(False)``)."""

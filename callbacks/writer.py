@@ -27,7 +27,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import re
 import resource
 import signal
@@ -43,6 +42,7 @@ from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import Logger
 from typing_extensions import override
 
+from tta.callbacks.base import seed_in_force
 from tta.fingerprint import weights_fingerprint
 from tta.run_folder import (
     DirectoryLock,
@@ -242,13 +242,6 @@ def unrecorded_arguments(settings: Any, owner: str = "") -> list[str]:
 
 #: Callbacks that show or save things but never change the rows.
 _BOOKKEEPING_CALLBACKS = (ProgressBar, ModelSummary, Checkpoint)
-
-
-def seed_in_force() -> int | None:
-    """The global seed that ``pytorch_lightning.seed_everything`` set in this process (``None``: not
-    called): what callbacks whose own ``seed`` is ``None`` draw from."""
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None and seed.lstrip("-").isdigit() else None
 
 
 def run_inputs(pl_module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:

@@ -156,6 +156,13 @@ class StreamDataModule(pl.LightningDataModule):
             raise ValueError(f"local_batch must be >= 0, got {local_batch}")
         self.start_batch = int(local_batch)
 
+    def stream_position(self, batch_idx: int) -> int:
+        """The 1-based position in the whole stream of this process's predict batch ``batch_idx``
+        (a resumed run's finished batches and the other DDP processes' counted)."""
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return global_batch(self.start_batch + batch_idx, rank, world_size) + 1
+
     def stream_sampler(self) -> StreamSampler:
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -51,6 +51,7 @@ from tta.run_folder import (
     RunFolderError,
     RunStopped,
     check_run_directory,
+    drop_display_options,
     finished_batches,
     make_directory,
     raise_on_stop_signals,
@@ -73,11 +74,7 @@ log = logging.getLogger("tta.cli")
 def run_key(cfg: DictConfig) -> dict[str, Any]:
     """What makes two runs the same run (for resuming): the resolved config, display options
     and loggers aside (where results are also logged does not change them)."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("print_table", None)
-    config.pop("logger", None)
-    config.get("trainer", {}).pop("enable_progress_bar", None)
-    return config
+    return drop_display_options(OmegaConf.to_container(cfg, resolve=True))
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -422,9 +419,12 @@ def stopped_message(received: signal.Signals, output_dir: Path | None, done: int
         return f"stopped by {received.name} during start-up; nothing was written"
     if (output_dir / "metrics.json").is_file() and done is None:
         return f"stopped by {received.name} after the run had finished; its results are in {_shown_path(output_dir)}"
-    kept = finished_batches(output_dir) if done is None else done
-    where = f"after batch {kept} of {total}" if total else f"with {kept} finished batches kept"
-    if not kept and not total:
+    kept = (finished_batches(output_dir) or 0) if done is None else done
+    if total:
+        where = f"after batch {kept} of {total}"
+    elif kept:
+        where = f"with {kept} finished batches kept"
+    else:
         where = "before any batch was finished"
     return f"stopped by {received.name} {where}; resume with: {resume_command()}"
 
@@ -524,13 +524,11 @@ def _main(cfg: DictConfig) -> None:
                 check_run_directory(output_dir, run_key(cfg), unchecked=("inputs",))
                 log.info("run directory: %s", output_dir)
             metrics = run(cfg, output_dir, launching)
-    except (RunStopped, Interrupted, KeyboardInterrupt) as stop:
+    except (RunStopped, Interrupted) as stop:
         if not launching:  # the launching process reports the stop; 0 keeps Lightning's observer from killing it
             sys.exit(0)
-        if isinstance(stop, RunStopped):
-            _fail(stopped_message(stop.received, output_dir, stop.done, stop.total), stop.exit_code, label="")
-        received = stop.received if isinstance(stop, Interrupted) else signal.SIGINT
-        _fail(stopped_message(received, output_dir), 128 + int(received), label="")
+        done = (stop.done, stop.total) if isinstance(stop, RunStopped) else ()
+        _fail(stopped_message(stop.received, output_dir, *done), stop.exit_code, label="")
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
@@ -567,6 +565,5 @@ def predict() -> None:
         if message:
             _fail(message)
         _main()
-    except (Interrupted, KeyboardInterrupt) as stop:  # before Hydra made a run directory
-        received = stop.received if isinstance(stop, Interrupted) else signal.SIGINT
-        _fail(stopped_message(received, None), 128 + int(received), label="")
+    except Interrupted as stop:  # before Hydra made a run directory
+        _fail(stopped_message(stop.received, None), stop.exit_code, label="")

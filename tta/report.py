@@ -67,6 +67,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from tta.metrics.calibration import reliability
+from tta.run_folder import drop_display_options, finished_batches
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -77,9 +78,6 @@ TABLE_WIDTH = 80
 UNSET = "<unset>"
 #: A setting's dotted name, as its keys ("tta", "callbacks", "tpt", "lr").
 Name = tuple[str, ...]
-#: Options of tta-predict's config that change what is shown, not the rows (``tta.cli.run_key``
-#: leaves them out of the run key; older runs' ``run.config`` holds them).
-DISPLAY_OPTIONS: tuple[Name, ...] = (("print_table",), ("logger",), ("trainer", "enable_progress_bar"))
 #: The run seed in a run key; ``data.seed`` is no replicate (it draws other scenes) and stays.
 SEED_KEYS = ("seed", "seed_in_force")
 #: A fingerprint (``sha256:<hex>``), shown by its first 8 hex characters.
@@ -152,11 +150,7 @@ def run_config(run: dict[str, Any]) -> dict[str, Any] | None:
     config = copy.deepcopy(recorded)
     for key in SEED_KEYS:
         config.pop(key, None)
-    for *parents, key in DISPLAY_OPTIONS:
-        parent = _get(config, *parents)
-        if isinstance(parent, dict):
-            parent.pop(key, None)
-    return config
+    return drop_display_options(config)
 
 
 def stream(run: dict[str, Any]) -> Any:
@@ -178,18 +172,11 @@ def label_streams(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def unfinished_runs(directory: Path) -> dict[Path, int | None]:
     """Run directories under ``directory`` that hold a ``progress.json`` but no ``metrics.json``
     (stopped, failed or still running), with the batches written so far (``None``: unreadable)."""
-    found: dict[Path, int | None] = {}
-    for progress in sorted(directory.rglob("progress.json")):
-        run = progress.parent.parent.parent if progress.parent.parent.name == "parts" else progress.parent
-        if (run / "metrics.json").exists():
-            continue
-        try:
-            batches = len(json.loads(progress.read_text())["batches"])
-        except (OSError, ValueError, KeyError, TypeError):
-            batches = None
-        before = found.get(run, 0)  # a DDP run: its processes' parts add up
-        found[run] = None if before is None or batches is None else before + batches
-    return found
+    runs = dict.fromkeys(
+        progress.parent.parent.parent if progress.parent.parent.name == "parts" else progress.parent
+        for progress in sorted(directory.rglob("progress.json"))
+    )
+    return {run: finished_batches(run) for run in runs if not (run / "metrics.json").exists()}
 
 
 def unfinished_section(directory: Path) -> str:

@@ -234,6 +234,22 @@ class DirectoryLock:
 # --- what a run is ------------------------------------------------------------------------------
 
 
+#: Options of tta-predict's config that change what is shown or where results are also logged,
+#: not the rows: left out of the run key (older runs' recorded configs hold them).
+DISPLAY_OPTIONS: tuple[tuple[str, ...], ...] = (("print_table",), ("logger",), ("trainer", "enable_progress_bar"))
+
+
+def drop_display_options(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a plain resolved config) without :data:`DISPLAY_OPTIONS`, changed in place."""
+    for *parents, key in DISPLAY_OPTIONS:
+        parent = config
+        for name in parents:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(key, None)
+    return config
+
+
 def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
     """Dotted names of the settings that differ between two runs' plain-data settings."""
     if isinstance(recorded, dict) and isinstance(current, dict):
@@ -260,7 +276,7 @@ _FIXES = {
 }
 
 
-def describe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+def _describe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> str:
     """One line: the first setting that differs with both values in full, the names of the others,
     and the fix."""
     found = differences(recorded, current)
@@ -383,7 +399,7 @@ class RunPart:
         )
         if recorded != self.run:
             raise RunFolderError(
-                f"{self.directory} holds the results of a different run: {describe_differences(recorded, self.run)}"
+                f"{self.directory} holds the results of a different run: {_describe_differences(recorded, self.run)}"
             )
         if self.columns is None:
             self.columns = tuple(state["columns"])
@@ -531,33 +547,36 @@ class RunPart:
             self._lock = None
 
 
-def check_run_directory(directory: str | Path, run: dict[str, Any], unchecked: Sequence[str] = ()) -> int:
+def _part_folders(directory: Path) -> list[Path]:
+    """The folders that hold a run's files: its DDP parts, or the run directory itself."""
+    parts = directory / "parts"
+    return sorted(parts.glob("rank*of*")) if parts.is_dir() else [directory]
+
+
+def check_run_directory(directory: str | Path, run: dict[str, Any], unchecked: Sequence[str] = ()) -> None:
     """Refuse, without writing anything, a directory that holds another run or damaged files:
     what ``tta-predict`` checks before it builds the model (``unchecked``: the entries of the run
     key not known yet, see :class:`RunPart`) and again, with the whole key, before it writes its
-    config record. The columns are checked when the writer opens the folder. Returns the batches
-    finished there (over all DDP parts)."""
-    directory = Path(directory)
-    parts = sorted((directory / "parts").glob("rank*of*")) if (directory / "parts").is_dir() else [directory]
-    done = 0
-    for folder in parts:
+    config record. The columns are checked when the writer opens the folder."""
+    for folder in _part_folders(Path(directory)):
         part = RunPart(folder, run, None, unchecked)
         state = part.read_state()
         if state is not None:
             part.verified_ends(state)
-            done += len(state["batches"])
-    return done
 
 
-def finished_batches(directory: str | Path) -> int:
-    """How many batches ``directory`` (all its DDP parts) records as finished, read without checks
-    (0 where nothing readable is recorded): for messages, never for resuming."""
-    directory = Path(directory)
-    parts = sorted((directory / "parts").glob("rank*of*")) if (directory / "parts").is_dir() else [directory]
+def finished_batches(directory: str | Path) -> int | None:
+    """How many batches ``directory`` (all its DDP parts) records as finished, read without checks:
+    for messages and reports, never for resuming. ``None`` where a ``progress.json`` is unreadable."""
     done = 0
-    for folder in parts:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            done += len(json.loads((folder / PROGRESS).read_text())["batches"])
+    for folder in _part_folders(Path(directory)):
+        progress = folder / PROGRESS
+        if not progress.exists():
+            continue
+        try:
+            done += len(json.loads(progress.read_text())["batches"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
     return done
 
 

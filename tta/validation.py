@@ -78,23 +78,16 @@ def non_finite_samples(values: torch.Tensor, index: torch.Tensor) -> list[int]:
     return [] if bool(finite.all()) else index[~finite.to(index.device)].tolist()
 
 
-def stream_batch(trainer: Any, batch_idx: int) -> int:
-    """The 1-based position in the whole stream of this process's batch ``batch_idx`` of a Lightning
-    ``trainer`` (a resumed run's finished batches and the other DDP processes' counted)."""
-    from tta.datamodules.streams import global_batch
-
-    local = getattr(trainer.datamodule, "start_batch", 0) + batch_idx
-    return global_batch(local, trainer.global_rank, trainer.world_size) + 1
-
-
 def check_finite(values: torch.Tensor, index: torch.Tensor, what: str, trainer: Any, batch_idx: int, hint: str) -> None:
     """Raise :class:`NonFiniteError` if ``values`` (``B x ...``, one row per sample of ``index``)
     hold NaN or infinity: one line naming ``what`` gave them, the batch (its position in the
-    stream of ``trainer``), the first samples and ``hint`` (the likely setting and the fix)."""
+    stream of ``trainer``'s datamodule where it has one, see ``StreamDataModule.stream_position``), the
+    first samples and ``hint`` (the likely setting and the fix)."""
     bad = non_finite_samples(values, index)
     if not bad:
         return
-    where = f"batch {stream_batch(trainer, batch_idx)}" if trainer is not None else f"batch {batch_idx + 1}"
+    position = getattr(getattr(trainer, "datamodule", None), "stream_position", None)
+    where = f"batch {position(batch_idx) if position is not None else batch_idx + 1}"
     shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
     raise NonFiniteError(
         f"{what} gave non-finite values (NaN or inf) in {where}, for {len(bad)} of {len(index)} samples "
