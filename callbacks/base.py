@@ -16,6 +16,8 @@ what per-sample methods need, so that a method only writes :meth:`EpisodicTTA.ad
 - views on the device, cropped from the batch's ``original`` images (the images as loaded, as
   the reference crops them) with the model's input ``image`` as view 0, encoded once per chunk
   of ``images_per_step`` images;
+- the view-feature store (``view_store``, :mod:`tta.view_store`): a sample's view features are read
+  from the store when an earlier run with the same key wrote them, else made, encoded and written;
 - one loss scaler for the whole ``predict`` under fp16 autocast, as the reference keeps one
   ``GradScaler(init_scale=1000)`` for its run;
 - outputs: the adapted ``logits``/``probs`` replace the module's in the dict that ``predict``
@@ -38,12 +40,17 @@ from typing_extensions import override
 
 from tta.augment import VIEW_KINDS, make_views
 from tta.datamodules.preprocess import ORIGINAL
+from tta.fingerprint import weights_fingerprint
 from tta.validation import OptionError, check_finite, check_number
+from tta.view_store import ViewFeatureStore, sample_digest, split_hits
 
 log = logging.getLogger(__name__)
 
 #: trainer.precision -> autocast dtype; "-true" precisions cast the weights instead.
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+#: Datamodule options that order or batch the samples but never change one (left out of the view
+#: store's key, so that runs that differ only in them share their views).
+LOADER_OPTIONS = ("batch_size", "num_workers", "stream", "dirichlet_alpha", "stream_seed")
 
 
 def seed_in_force() -> int | None:
@@ -151,9 +158,13 @@ class EpisodicTTA(TTACallback):
             several hundred suit GPUs).
         seed: run seed for the per-sample views; ``None`` takes the seed of
             ``pytorch_lightning.seed_everything`` (0 if it was not called).
+        view_store: folder of the view-feature store (:mod:`tta.view_store`; ``None``: encode the
+            views in every run). It never changes a prediction, so it is not part of the run key.
     """
 
     method_name = "episodic"
+    #: The store's folder cannot change the rows (the store verifies what it returns): not in the run key.
+    argument_attributes: dict[str, str | None] = {"view_store": None}
 
     def __init__(
         self,
@@ -162,6 +173,7 @@ class EpisodicTTA(TTACallback):
         images_per_step: int = 16,
         view_batch_size: int = 64,
         seed: int | None = None,
+        view_store: str | None = None,
     ) -> None:
         super().__init__()
         check_number("n_views", n_views, 1, integer=True)  # the original image counts as one
@@ -171,7 +183,9 @@ class EpisodicTTA(TTACallback):
         check_number("view_batch_size", view_batch_size, 1, integer=True)
         check_number("seed", seed, integer=True, optional=True)
         self.n_views, self.views, self.images_per_step, self.seed = n_views, views, images_per_step, seed
-        self.view_batch_size = view_batch_size
+        self.view_batch_size, self.view_store = view_batch_size, view_store
+        #: The run's open store (``None`` without ``view_store``), opened at ``on_predict_start``.
+        self.store: ViewFeatureStore | None = None
         self._run_seed = 0
         self._autocast_dtype: torch.dtype | None = None
         #: The run's loss scaler under fp16 autocast (None otherwise), made at ``on_predict_start``.
@@ -193,8 +207,40 @@ class EpisodicTTA(TTACallback):
             if self._autocast_dtype is torch.float16
             else None
         )
+        self.store = self.open_view_store(trainer, pl_module)
         with torch.inference_mode(False):
             self.setup_method(pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.store is not None:
+            log.info("%s: %s", self.method_name, self.store.summary())
+
+    def open_view_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ViewFeatureStore | None:
+        """The store of this run's views (``None`` without ``view_store``, or without a datamodule to
+        name the data set by), its key holding everything that changes a view's features."""
+        if self.view_store is None:
+            return None
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            log.info("%s: no datamodule names the data set, so the view store is not used", self.method_name)
+            return None
+        from tta.callbacks.writer import object_settings  # the writer imports this module
+
+        data = {k: v for k, v in object_settings(datamodule).items() if k not in LOADER_OPTIONS}
+        content = getattr(datamodule, "content_fingerprint", None)
+        vlm = pl_module.vlm
+        key = {
+            "weights": weights_fingerprint(vlm),
+            "normalisation": {"mean": vlm.mean.flatten().tolist(), "std": vlm.std.flatten().tolist()},
+            "image_size": list(vlm.image_size),
+            "data": {"settings": data, "files": content() if callable(content) else None},
+            "views": {"kind": self.views, "n_views": self.n_views},
+            "seed": self._run_seed,
+            "precision": str(trainer.precision),
+            "device": pl_module.device.type,
+        }
+        return ViewFeatureStore(self.view_store, key)
 
     @override
     def process_batch(
@@ -206,7 +252,8 @@ class EpisodicTTA(TTACallback):
                 "'original' (a list of the B images as decoded, uint8 3 x H x W) beside 'image', as every "
                 "classification datamodule of tta.datamodules yields"
             )
-        seeds = [sample_seed(self._run_seed, i) for i in batch["index"].tolist()]
+        indices = batch["index"].tolist()
+        seeds = [sample_seed(self._run_seed, i) for i in indices]
         step = self.images_per_step
         originals = batch[ORIGINAL]
         with torch.inference_mode(False), torch.enable_grad():
@@ -216,7 +263,11 @@ class EpisodicTTA(TTACallback):
                     self.adapt(
                         pl_module,
                         self.encode_views(
-                            pl_module, originals[i : i + step], images[i : i + step], seeds[i : i + step]
+                            pl_module,
+                            originals[i : i + step],
+                            images[i : i + step],
+                            seeds[i : i + step],
+                            indices[i : i + step],
                         ),
                     )
                     for i in range(0, len(seeds), step)
@@ -238,16 +289,43 @@ class EpisodicTTA(TTACallback):
 
     @torch.no_grad()
     def encode_views(
-        self, pl_module: pl.LightningModule, originals: list[torch.Tensor], images: torch.Tensor, seeds: list[int]
+        self,
+        pl_module: pl.LightningModule,
+        originals: list[torch.Tensor],
+        images: torch.Tensor,
+        seeds: list[int],
+        indices: list[int],
     ) -> torch.Tensor:
-        """``B x V x D`` normalised image features of the views (one image-tower pass): view 0 the
-        model's input ``images``, the others cropped from ``originals``."""
-        vlm = pl_module.vlm
+        """``B x V x D`` normalised image features of the views: view 0 the model's input ``images``,
+        the others cropped from ``originals``; read from the view store where it has them, the
+        others made and encoded in one image-tower pass (and written to the store)."""
+        dtype = self._autocast_dtype or torch.float32
+        if self.store is None:
+            return self._encode(pl_module, originals, images, seeds, dtype)
+        digests = [sample_digest(original) for original in originals]
+        found, missing = split_hits(self.store, indices, digests, self.n_views, dtype)
+        if missing:
+            encoded = self._encode(
+                pl_module, [originals[m] for m in missing], images[missing], [seeds[m] for m in missing], dtype
+            )
+            for m, features in zip(missing, encoded):
+                self.store.write(indices[m], digests[m], features)
+                found[m] = features
+        return torch.stack([found[position].to(images.device) for position in range(len(seeds))])
+
+    def _encode(
+        self,
+        pl_module: pl.LightningModule,
+        originals: list[torch.Tensor],
+        images: torch.Tensor,
+        seeds: list[int],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         views = make_views(originals, images, self.n_views, seeds, self.views)
         with self.autocast(images.device):
-            features = vlm.encode_image(views.flatten(0, 1), batch_size=self.view_batch_size)
+            features = pl_module.vlm.encode_image(views.flatten(0, 1), batch_size=self.view_batch_size)
         # kept in the autocast dtype, which the logits' matmuls cast them to anyway (fp32 without autocast)
-        return features.to(self._autocast_dtype or torch.float32).view(len(seeds), self.n_views, -1)
+        return features.to(dtype).view(len(seeds), self.n_views, -1)
 
 
 class SetTTA(pl.Callback):

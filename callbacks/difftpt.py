@@ -55,9 +55,15 @@ class DiffTPT(EpisodicTTA):
         view_batch_size: int = 64,
         checkpoint_text: bool = False,
         seed: int | None = None,
+        view_store: str | None = None,
     ) -> None:
         super().__init__(
-            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+            n_views=n_views,
+            views=views,
+            images_per_step=images_per_step,
+            view_batch_size=view_batch_size,
+            seed=seed,
+            view_store=view_store,
         )
         if not isinstance(generator, DiffusionViewGenerator):
             raise TypeError(
@@ -104,11 +110,17 @@ class DiffTPT(EpisodicTTA):
     @override
     @torch.no_grad()
     def encode_views(
-        self, pl_module: pl.LightningModule, originals: list[torch.Tensor], images: torch.Tensor, seeds: list[int]
+        self,
+        pl_module: pl.LightningModule,
+        originals: list[torch.Tensor],
+        images: torch.Tensor,
+        seeds: list[int],
+        indices: list[int],
     ) -> torch.Tensor:
-        """``B x (n_views + generator.n_views) x D``: the conventional views, then the diffusion views
-        (conditioned on each whole image as loaded, squashed to the pipeline's CLIP input size)."""
-        conventional = super().encode_views(pl_module, originals, images, seeds)
+        """``B x (n_views + generator.n_views) x D``: the conventional views (through the view store),
+        then the diffusion views (conditioned on each whole image as loaded, squashed to the pipeline's
+        CLIP input size; the generator's own cache keeps their pixels)."""
+        conventional = super().encode_views(pl_module, originals, images, seeds, indices)
         vlm = pl_module.vlm
         generated = self.generator.views(self.generator.squash(originals, images.device), seeds)  # B x G x 3 x S x S
         pixels = generated.flatten(0, 1).to(images.dtype) / 255

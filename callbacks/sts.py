@@ -39,9 +39,15 @@ class STS(EpisodicTTA):
         images_per_step: int = 64,
         view_batch_size: int = 64,
         seed: int | None = None,
+        view_store: str | None = None,
     ) -> None:
         super().__init__(
-            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+            n_views=n_views,
+            views=views,
+            images_per_step=images_per_step,
+            view_batch_size=view_batch_size,
+            seed=seed,
+            view_store=view_store,
         )
         if final not in FINAL_RULES:
             raise ValueError(f"final must be one of {FINAL_RULES}, got {final!r}")

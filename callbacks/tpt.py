@@ -36,9 +36,15 @@ class TPT(EpisodicTTA):
         view_batch_size: int = 64,
         checkpoint_text: bool = False,
         seed: int | None = None,
+        view_store: str | None = None,
     ) -> None:
         super().__init__(
-            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+            n_views=n_views,
+            views=views,
+            images_per_step=images_per_step,
+            view_batch_size=view_batch_size,
+            seed=seed,
+            view_store=view_store,
         )
         self.checkpoint_text = checkpoint_text
         check_number("lr", lr, 0, low_open=True)

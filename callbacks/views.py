@@ -24,9 +24,15 @@ class ViewAverage(EpisodicTTA):
         images_per_step: int = 64,
         view_batch_size: int = 64,
         seed: int | None = None,
+        view_store: str | None = None,
     ) -> None:
         super().__init__(
-            n_views=n_views, views=views, images_per_step=images_per_step, view_batch_size=view_batch_size, seed=seed
+            n_views=n_views,
+            views=views,
+            images_per_step=images_per_step,
+            view_batch_size=view_batch_size,
+            seed=seed,
+            view_store=view_store,
         )
         check_number("selection", selection, 0, 1, low_open=True)  # the kept fraction of views
         self.selection = selection

@@ -170,13 +170,13 @@ def _argument_attributes(obj: Any) -> dict[str, str | None]:
     return found
 
 
-_COVERED = object()  # an argument whose content the run key holds elsewhere (its inputs)
+_COVERED = object()  # an argument whose content the run key holds elsewhere (its inputs), or that cannot change rows
 
 
 def _argument_value(obj: Any, name: str, sources: dict[str, str | None]) -> Any:
     """The value of constructor argument ``name``: where ``argument_attributes`` says it is kept
-    (a dotted attribute path; ``None``: covered by the run's inputs), else the attribute of that
-    name. Raises AttributeError where it is kept nowhere."""
+    (a dotted attribute path; ``None``: covered by the run's inputs or unable to change rows), else
+    the attribute of that name. Raises AttributeError where it is kept nowhere."""
     if name in sources:
         if sources[name] is None:
             return _COVERED
@@ -199,7 +199,8 @@ def object_settings(obj: Any, fallback: Any = None, depth: int = 0) -> dict[str,
     An argument is read from the attribute of the same name (the convention of the datamodules,
     tasks and callbacks here), or from where the class's ``argument_attributes`` says it is kept
     (``{"resize_mode": "preprocess.resize_mode"}``; ``None`` for arguments whose content the run
-    key holds as a fingerprint, such as a data set's list of files). Arguments kept nowhere cannot
+    key holds as a fingerprint, such as a data set's list of files, or that cannot change the rows,
+    such as the view store's folder). Arguments kept nowhere cannot
     be seen: they are listed under ``unrecorded`` (every class of this package keeps all of its
     arguments; a test checks it).
 

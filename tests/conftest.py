@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -20,6 +21,15 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from tta.models import VisionLanguageModel, create_vlm
+
+# tta-predict runs of the tests share one view store in a temporary folder, never the user's ~/.cache.
+VIEW_STORE = tempfile.mkdtemp(prefix="tta-tests-view-store-")
+os.environ["TTA_VIEW_STORE"] = VIEW_STORE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(VIEW_STORE, ignore_errors=True)
+
 
 # The test models are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine
 # it makes every op wait for a core (several times slower overall).

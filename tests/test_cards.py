@@ -190,6 +190,91 @@ def test_cross_dataset_card_prompts_names_with_spaces_and_augmix_views(trees, tm
     assert probe["episodic"][0]["views"] == "augmix" and probe["selected"] == [[10, 1], [10, 1]]
 
 
+#: Where the cards of ZERO, MTA and C-TPT run: the tree, its overrides and the original size. Their
+#: ImageNet cards run on ImageNet-A (200 classes: 15 s less per run than the 1000 names, which the
+#: zero-shot and STS cards check with the same ``class_list``).
+WHERE = {
+    "imagenet_a": (["data.variant=imagenet_a"], PHOTO),
+    "food101": (["data.dataset=food101"], FOOD),
+}
+
+
+def run_views_card(card: str, method: str, where: str, trees: dict[str, Path], out: Path) -> dict:
+    """The card on ``where``'s tree, two images, ten views, with the view-feature store off: cards that
+    share model, data, views and seed (ZERO's and MTA's cross-dataset cards; C-TPT's and TPT's) would
+    otherwise read each other's view features and encode none. The names and preprocessing asserted."""
+    data, size = WHERE[where]
+    overrides = [f"data.root={trees[where]}", *data, *SMALL, f"tta.callbacks.{method}.n_views=10", "view_store=null"]
+    result = run_card(card, overrides, out)
+    probe = result["probe"]
+    assert_openai_clip_preprocessing(probe, size)
+    assert_fp16_card(card)
+    if where == "imagenet_a":
+        assert_imagenet_a_names(probe)
+        assert result["config"]["data"]["class_list"] == "clip"  # on ImageNet: the two duplicates kept
+    else:
+        names = probe["class_names"]
+        assert names["n"] == 101 and names["with_underscore"] == 0 and names["first"][0] == "apple pie"
+    assert result["metrics"]["n"] == 2 and result["metrics"]["method"] == method
+    return result
+
+
+@pytest.mark.parametrize(
+    ("card", "where"),
+    [
+        ("zero_tta_imagenet_vit_b16", "imagenet_a"),
+        ("mta_imagenet_vit_b16", "imagenet_a"),
+        ("zero_tta_cross_dataset_vit_b16", "food101"),
+        ("mta_cross_dataset_vit_b16", "food101"),
+    ],
+)
+def test_zero_and_mta_cards(card, where, trees, tmp_path):
+    """ZERO and MTA as their references run them: crop + flip views on every data set (the fine-grained
+    ones too, unlike TPT's AugMix), no backward pass (both images' views encoded in one call, no
+    confident-view selection of TPT's), seed 1 as their scripts. ZERO's probabilities are the vote
+    shares of its int(10 * 0.3) = 3 kept views: 1 (3 votes), 2/3 (2 + 1) or 1/2 (a three-way tie and
+    the tie-break's vote)."""
+    method = card.split("_")[0]
+    result = run_views_card(card, method, where, trees, tmp_path)
+    probe, settings = result["probe"], result["config"]["tta"]["callbacks"][method]
+    assert probe["episodic"] == [
+        {"method": method.upper(), "n_views": 10, "views": "crop_flip", "images_per_step": 64, "grad_scaler": False}
+    ]
+    assert probe["encoded"] == [[2, 224, 224], [20, 224, 224]] and probe["selected"] == []
+    assert result["config"]["seed"] == 1
+    if method == "zero":
+        assert (settings["gamma"], settings["tie_fallback"], settings["output"]) == (0.3, "reference", "votes")
+        rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+        confidences = [float(row.split(",")[4]) for row in rows]
+        assert len(confidences) == 2 and all(min(abs(c - s) for s in (1 / 2, 2 / 3, 1)) < 1e-5 for c in confidences)
+    else:
+        assert (settings["lambda_y"], settings["lambda_q"], settings["neighbour_fraction"]) == (0.2, 4.0, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("card", "where", "lambda_term"),
+    [("ctpt_imagenet_vit_b16", "imagenet_a", 20.0), ("ctpt_cross_dataset_vit_b16", "food101", 50.0)],
+)
+def test_ctpt_cards(card, where, lambda_term, trees, tmp_path):
+    """C-TPT as its scripts: AugMix views on every data set (``--I_augmix`` on the natural shifts),
+    lambda 20 there and 50 on the fine-grained sets, TPT's step otherwise (10% kept: 1 of 10; one
+    image per step for the shared fp16 scaler; seed 0)."""
+    result = run_views_card(card, "ctpt", where, trees, tmp_path)
+    probe, settings = result["probe"], result["config"]["tta"]["callbacks"]["ctpt"]
+    assert probe["episodic"] == [
+        {"method": "CTPT", "n_views": 10, "views": "augmix", "images_per_step": 1, "grad_scaler": False}
+    ]
+    assert probe["encoded"] == [[2, 224, 224], [10, 224, 224], [10, 224, 224]]
+    assert probe["selected"] == [[10, 1], [10, 1]]
+    assert settings["lambda_term"] == lambda_term and result["config"]["seed"] == 0
+    assert (settings["lr"], settings["steps"], settings["selection"], settings["ctx_init"]) == (
+        5e-3,
+        1,
+        0.1,
+        "a photo of a",
+    )
+
+
 def test_difftpt_card(trees, tmp_path):
     """The card with the tiny random image-variation pipeline in place of Stable Diffusion (860 M
     parameters: no CPU run of the real one), generating inline: the pre-pass would walk all 1000
@@ -270,6 +355,12 @@ def test_every_card_is_in_the_tier():
         "sts_imagenet_vit_b16",
         "zero_shot_imagenet_vit_b16",
         "tpt_cross_dataset_vit_b16",
+        "zero_tta_imagenet_vit_b16",
+        "zero_tta_cross_dataset_vit_b16",
+        "mta_imagenet_vit_b16",
+        "mta_cross_dataset_vit_b16",
+        "ctpt_imagenet_vit_b16",
+        "ctpt_cross_dataset_vit_b16",
         "difftpt_imagenet_vit_b16",
         "lame_imagenet_c_noniid",
         "world_quick",

@@ -40,7 +40,7 @@ import torch
 from conftest import run_script
 
 from tta.augment import DiffusionViewGenerator
-from tta.callbacks import LAME, STS, TPT, DiffTPT, EpisodicTTA, ViewAverage
+from tta.callbacks import CTPT, LAME, MTA, STS, TPT, ZERO, DiffTPT, EpisodicTTA, ViewAverage
 from tta.cli import run
 from tta.methods import search as search_methods
 from tta.methods import ttm as ttm_methods
@@ -53,7 +53,7 @@ DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 #: trainer.precision of each variant; Lightning runs 16-mixed as bf16-mixed on a CPU, so the
 #: fp16 variant is CUDA's only.
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-METHODS = ("none", "views", "tpt", "sts", "lame", "sts_lame", "difftpt", "ttm", "search_tta")
+METHODS = ("none", "views", "tpt", "sts", "zero", "mta", "ctpt", "lame", "sts_lame", "difftpt", "ttm", "search_tta")
 
 #: fp32 on the device against fp32 on the CPU (cuDNN's TF32 convolutions turned off for it).
 FP32_AGREEMENT = 0.99
@@ -97,7 +97,7 @@ def method_overrides(method: str, scale: Scale, precision: str) -> list[str]:
     world = ["data.domains=[clean,blur]", f"data.n_per_domain={scale.images_per_domain}"]
     if method in ("none", "lame"):
         return [f"tta={method}", *world]
-    if method in ("views", "tpt", "sts"):
+    if method in ("views", "tpt", "sts", "zero", "mta", "ctpt"):
         return [f"tta={method}", *world, f"tta.callbacks.{method}.n_views={scale.views}"]
     if method == "sts_lame":
         return ["tta=[sts,lame]", *world, f"tta.callbacks.sts.n_views={scale.views}"]
@@ -145,6 +145,9 @@ METHOD_PROBES = {
     "views": {"class features", "view features", "method state"},
     "tpt": {"class features", "view features", "method state", "prompt"},
     "sts": {"class features", "view features", "method state"},
+    "zero": {"class features", "view features", "method state"},
+    "mta": {"class features", "view features", "method state"},
+    "ctpt": {"class features", "view features", "method state", "prompt"},
     "lame": {"class features", "LAME"},
     "sts_lame": {"class features", "view features", "method state", "LAME"},
     "difftpt": {"class features", "view features", "method state", "prompt", "diffusion views"},
@@ -208,7 +211,7 @@ class Probes:
         self.watch(VisionLanguageModel, "encode_image", lambda a, r: self.run.record("image tower", a[1], r))
         self.watch(VisionLanguageModel, "encode_text", lambda a, r: self.run.record("text tower", r))
         self.watch(VisionLanguageModel, "class_text_features", lambda a, r: self.run.record("class features", r))
-        for cls in (EpisodicTTA, TPT, STS, ViewAverage, DiffTPT):
+        for cls in (EpisodicTTA, TPT, CTPT, STS, ViewAverage, ZERO, MTA, DiffTPT):
             if "encode_views" in vars(cls):
                 self.watch(cls, "encode_views", lambda a, r: self.run.record("view features", r))
             if "adapt" in vars(cls):

@@ -131,18 +131,24 @@ PUBLISHED_CARDS = [
     "zero_shot_imagenet_vit_b16",
     "tpt_cross_dataset_vit_b16",
     "difftpt_imagenet_vit_b16",
+    "zero_tta_imagenet_vit_b16",
+    "zero_tta_cross_dataset_vit_b16",
+    "mta_imagenet_vit_b16",
+    "mta_cross_dataset_vit_b16",
+    "ctpt_imagenet_vit_b16",
+    "ctpt_cross_dataset_vit_b16",
 ]
 
 
 @pytest.mark.parametrize("card", PUBLISHED_CARDS)
 def test_published_cards_run_in_fp16_as_the_reference(compose, card):
-    """fp16 autocast (16-mixed), even over trainer=gpu's bf16; a TPT/DiffTPT card steps one image
+    """fp16 autocast (16-mixed), even over trainer=gpu's bf16; a TPT/C-TPT/DiffTPT card steps one image
     at a time, so the run's one GradScaler sees the reference's sequence of steps."""
     for overrides in ([f"experiment={card}"], [f"experiment={card}", "trainer=gpu"]):
         cfg = compose(overrides)
         assert cfg.trainer.precision == "16-mixed"
     for name, callback in cfg.tta.callbacks.items():
-        if name in ("tpt", "difftpt"):
+        if name in ("tpt", "ctpt", "difftpt"):
             assert callback.images_per_step == 1
     if "class_list" in cfg.data:
         assert cfg.data.class_list == "clip"

@@ -235,7 +235,8 @@ def test_view_callbacks_crop_from_the_batch_original_not_the_model_input():
     callback = ViewAverage(n_views=16)
     image = torch.zeros(1, 3, 64, 64)
     image[:, 2] = 1  # the model's input: the blue centre only
-    callback.encode_views(SimpleNamespace(vlm=SimpleNamespace(encode_image=encode_image)), [ringed_image()], image, [0])
+    vlm = SimpleNamespace(encode_image=encode_image)
+    callback.encode_views(SimpleNamespace(vlm=vlm), [ringed_image()], image, seeds=[0], indices=[0])
     (views,) = encoded
     assert (views[1:, 0] > 0.5).flatten(1).any(1).float().mean() > 0.5  # most crops reach the red ring
 

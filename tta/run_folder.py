@@ -234,20 +234,34 @@ class DirectoryLock:
 # --- what a run is ------------------------------------------------------------------------------
 
 
-#: Options of tta-predict's config that change what is shown or where results are also logged,
-#: not the rows: left out of the run key (older runs' recorded configs hold them).
-DISPLAY_OPTIONS: tuple[tuple[str, ...], ...] = (("print_table",), ("logger",), ("trainer", "enable_progress_bar"))
+#: Options of tta-predict's config that change what is shown, where results are also logged or
+#: how fast they come, not the rows: left out of the run key (older runs' recorded configs hold
+#: them). ``*`` stands for any key (every callback's view store).
+DISPLAY_OPTIONS: tuple[tuple[str, ...], ...] = (
+    ("print_table",),
+    ("logger",),
+    ("trainer", "enable_progress_bar"),
+    ("view_store",),
+    ("tta", "callbacks", "*", "view_store"),
+)
 
 
 def drop_display_options(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` (a plain resolved config) without :data:`DISPLAY_OPTIONS`, changed in place."""
-    for *parents, key in DISPLAY_OPTIONS:
-        parent = config
-        for name in parents:
-            parent = parent.get(name) if isinstance(parent, dict) else None
-        if isinstance(parent, dict):
-            parent.pop(key, None)
+    for path in DISPLAY_OPTIONS:
+        _drop(config, path)
     return config
+
+
+def _drop(node: Any, path: tuple[str, ...]) -> None:
+    if not isinstance(node, dict):
+        return
+    name, *rest = path
+    if not rest:
+        node.pop(name, None)
+        return
+    for child in node.values() if name == "*" else [node.get(name)]:
+        _drop(child, tuple(rest))
 
 
 def differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:

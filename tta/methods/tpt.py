@@ -42,6 +42,7 @@ def tpt_adapt(
     autocast: AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
     checkpoint: bool = False,
+    text_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Adapted:
     """Adapt one context per image; the logits are those of the original views.
 
@@ -52,6 +53,8 @@ def tpt_adapt(
     so with B > 1 an inf/NaN gradient of one image skips the step of all B (the reference adapts one
     image at a time: B = 1 reproduces its sequence of scales and skipped steps). ``checkpoint``:
     recompute text-tower blocks in the backward pass (memory for compute; the result is the same).
+    ``text_penalty``: a term added to each image's loss from its class text features (``B x C x D`` ->
+    ``B``), computed in the same forward pass as the entropy (C-TPT's dispersion term).
     """
     autocast = autocast or nullcontext()
     b = view_features.shape[0]
@@ -63,7 +66,11 @@ def tpt_adapt(
     optimizer = torch.optim.AdamW([context], lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         with autocast:
-            loss = marginal_entropy(logit_fn(kept, prompt.text_features(context, checkpoint))).sum()
+            text = prompt.text_features(context, checkpoint)
+            loss = marginal_entropy(logit_fn(kept, text))
+            if text_penalty is not None:
+                loss = loss + text_penalty(text)
+            loss = loss.sum()
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
