@@ -57,6 +57,34 @@ def runs(folder: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
+def run_sweeps(args: argparse.Namespace, arms: dict[str, tuple[Path, str]]) -> dict[str, float]:
+    """Each sweep's wall time in seconds: both at once (``--parallel``) or one after the other."""
+    wall: dict[str, float] = {}
+    if args.parallel:
+        start = time.perf_counter()
+        running = {arm: sweep(out, args.methods, args.seeds, args.n, s, args.extra) for arm, (out, s) in arms.items()}
+        while running:
+            for arm, process in list(running.items()):
+                if process.poll() is not None:
+                    wall[arm] = time.perf_counter() - start
+                    del running[arm]
+                    if process.returncode != 0:
+                        raise SystemExit(f"the sweep {arm} failed: see {arms[arm][0]}.log")
+            time.sleep(1)
+        return wall
+    for arm, (out, s) in arms.items():
+        start = time.perf_counter()
+        if sweep(out, args.methods, args.seeds, args.n, s, args.extra).wait() != 0:
+            raise SystemExit(f"the sweep {arm} failed: see {out}.log")
+        wall[arm] = time.perf_counter() - start
+    return wall
+
+
+def sweep_wall(folder: Path) -> float:
+    """A finished sweep's wall time from its files: Hydra's multirun.yaml to the last metrics.json."""
+    return max(f.stat().st_mtime for f in folder.glob("*/metrics.json")) - (folder / "multirun.yaml").stat().st_mtime
+
+
 def mean_std(values: list[float], digits: int = 1, scale: float = 1.0) -> str:
     values = [v * scale for v in values]
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
@@ -72,34 +100,26 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true", help="run the two sweeps at once, one core each")
     parser.add_argument("--table", type=Path, default=None, help="also write the table here")
     parser.add_argument(
+        "--tabulate", action="store_true", help="only tabulate the sweeps already in --out (wall times from files)"
+    )
+    parser.add_argument(
         "--store-only", action="store_true", help="only the sweep with the store: per-sample times of reading runs"
     )
     parser.add_argument("extra", nargs="*", help="more overrides for both sweeps")
     args = parser.parse_args()
 
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
-    store = Path(tempfile.mkdtemp(prefix="view-store-", dir=args.out))
-    arms = {"without store": (args.out / "without_store", "null"), "with store": (args.out / "with_store", str(store))}
+    arms = {"without store": (args.out / "without_store", "null"), "with store": (args.out / "with_store", "")}
     if args.store_only:
         del arms["without store"]
-    wall: dict[str, float] = {}
-    if args.parallel:
-        started = {
-            arm: (time.perf_counter(), sweep(out, args.methods, args.seeds, args.n, s, args.extra))
-            for arm, (out, s) in arms.items()
-        }
-        for arm, (start, process) in started.items():
-            if process.wait() != 0:
-                raise SystemExit(f"the sweep {arm} failed: see {arms[arm][0]}.log")
-            wall[arm] = time.perf_counter() - start
+    if args.tabulate:  # an earlier benchmark's folders: wall times from their files
+        store = next(args.out.glob("view-store-*"))
+        wall = {arm: sweep_wall(out) for arm, (out, _) in arms.items()}
     else:
-        for arm, (out, s) in arms.items():
-            start = time.perf_counter()
-            if sweep(out, args.methods, args.seeds, args.n, s, args.extra).wait() != 0:
-                raise SystemExit(f"the sweep {arm} failed: see {out}.log")
-            wall[arm] = time.perf_counter() - start
-
+        shutil.rmtree(args.out, ignore_errors=True)
+        args.out.mkdir(parents=True)
+        store = Path(tempfile.mkdtemp(prefix="view-store-", dir=args.out))
+        arms["with store"] = (arms["with store"][0], str(store))
+        wall = run_sweeps(args, arms)
     with_store = runs(arms["with store"][0])
     if args.store_only:
         table = store_table(args, with_store)

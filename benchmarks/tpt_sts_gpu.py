@@ -1,4 +1,4 @@
-"""TPT, STS and LAME on a GPU: open_clip ViT-B/16 (random weights), 1000 ImageNet class names, 64 views.
+"""TPT, STS, LAME, ZERO, MTA, C-TPT on a GPU: open_clip ViT-B/16 (random weights), 1000 ImageNet classes, 64 views.
 
     python benchmarks/tpt_sts_gpu.py [--images 32] [--batch 8] [--out benchmarks/results/tpt_sts_gpu.md]
     python benchmarks/tpt_sts_gpu.py --device cpu --images 2 --classes 20 --views 4   # smoke test of the script
@@ -29,10 +29,13 @@ import torch
 
 from tta.augment import make_views
 from tta.callbacks.base import sample_seed
+from tta.methods.ctpt import ctpt_adapt
 from tta.methods.entropy import marginal_entropy, select_confident
 from tta.methods.lame import laplacian_adjust
+from tta.methods.mta import mta_mode
 from tta.methods.sts import spectral_basis, sts_adapt
 from tta.methods.tpt import tpt_adapt
+from tta.methods.zero import zero_predict
 from tta.models import PromptLearner, create_vlm
 
 
@@ -161,6 +164,25 @@ def main() -> None:
         for i in range(0, n, batch):
             sts_adapt(view_features(i, batch, bf16), class_features, basis, vlm.logits).logits.argmax(-1)
 
+    def our_zero():
+        for i in range(0, n, batch):
+            feats = view_features(i, batch, fp16)
+            with fp16():
+                cosines, logits = feats @ class_features.T, vlm.logits(feats, class_features)
+            zero_predict(cosines, logits).logits.argmax(-1)
+
+    def our_mta():
+        for i in range(0, n, batch):
+            feats = view_features(i, batch, fp16).float()
+            mode, _ = mta_mode(feats, vlm.logits(feats, class_features))
+            vlm.logits(mode, class_features).argmax(-1)
+
+    def our_ctpt():
+        for i in range(0, n, batch):
+            ctpt_adapt(
+                prompt, view_features(i, batch, bf16), vlm.logits, autocast=bf16(), checkpoint=True
+            ).logits.argmax(-1)
+
     def zero_shot_original(lame: bool):
         def fn():
             with torch.no_grad(), bf16():
@@ -194,6 +216,9 @@ def main() -> None:
         (f"our STS: {args.views} views, {b} images at once", bf16_name, our_sts),
         (f"zero-shot, original view only, {n} images at once", bf16_name, zero_shot_original(False)),
         (f"zero-shot + LAME (rbf), original view only, {n} images at once", bf16_name, zero_shot_original(True)),
+        (f"ZERO: {args.views} views, {b} images at once", fp16_name, our_zero),
+        (f"MTA: {args.views} views, {b} images at once", fp16_name, our_mta),
+        (f"C-TPT: {seq}, shared prefix, {b} images at once, checkpointed", bf16_name, our_ctpt),
     )
     rows = []
     for name, precision, fn in cases:
@@ -221,6 +246,9 @@ def main() -> None:
         f"shared prefix saves {1 - rows[4][2] / rows[5][2]:.0%} of the batched TPT's time",
         f"STS / zero-shot time: {rows[6][2] / rows[0][2]:.2f}x (target <= 1.3x); "
         f"LAME adds {rows[8][2] / rows[7][2] - 1:.0%} to a zero-shot batch (target <= 10%)",
+        f"ZERO / zero-shot (both encode the views): {rows[9][2] / rows[0][2]:.2f}x; "
+        f"MTA: {rows[10][2] / rows[0][2]:.2f}x; "
+        f"C-TPT / batched TPT: {rows[11][2] / rows[4][2]:.2f}x",
     ]
     print("\n".join(lines))
     if args.out is not None:

@@ -6,7 +6,7 @@
 #   benchmarks/world_effects.sh [OUT]              # the full measurement (CPU time: docs/world.md)
 #   SMOKE=1 benchmarks/world_effects.sh /tmp/we    # tiny sizes: every command runs, in minutes
 #
-# 1. shifts/: tta=none,views,tpt,sts on clean + the six shifts at severity 3, N scenes per domain,
+# 1. shifts/: tta=none,views,tpt,sts,zero,mta,ctpt on clean + the six shifts at severity 3, N per domain,
 #    seeds 0,1,2; then tta-report.
 # 2. streams/: zero-shot, LAME and STS+LAME on the iid, sorted and Dirichlet(0.1) streams
 #    (batch 64), same seeds; then tta-report.
@@ -39,7 +39,7 @@ step() { echo "[$(($(date +%s) - start)) s] $*"; }
 
 if [[ " $PARTS " == *" 1 "* ]]; then
   step "1 episodic methods over the six shifts"
-  tta-predict -m tta=none,views,tpt,sts seed="$SEEDS" data.n_per_domain="$N" \
+  tta-predict -m tta=none,views,tpt,sts,zero,mta,ctpt seed="$SEEDS" data.n_per_domain="$N" \
     data.batch_size="$BATCH" print_table=false hydra.sweep.dir="$OUT/shifts"
   tta-report "$OUT/shifts"
 fi
