@@ -52,6 +52,7 @@ from tta.run_folder import (
     StopSignals,
     merge_parts,
     read_rows,
+    wait_for_stopped_process,
     write_atomic,
 )
 
@@ -473,10 +474,11 @@ class PredictionWriter(pl.Callback):
             self._part = None
         self._release()
         if isinstance(exception, RunStopped):
-            # the DDP processes this one started stop after their own batch: wait for them, so that
-            # a rerun finds their part directories free
-            for process in getattr(trainer.strategy.launcher, "procs", []):
-                process.wait()
+            # the DDP processes this one started stop after their own batch (or, done with their part,
+            # are ended at the end's barrier): wait for them, so that a rerun finds their parts free
+            first = trainer.node_rank * trainer.num_devices + 1
+            for rank, process in enumerate(getattr(trainer.strategy.launcher, "procs", []), start=first):
+                wait_for_stopped_process(process, self.output_dir / "parts" / f"rank{rank}of{self._world_size}")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

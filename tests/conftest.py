@@ -310,9 +310,11 @@ def run_script(name: str, args: Sequence[str], cwd: Path, timeout: float = 300) 
 
 #: One thread per process, so that runs compare bit for bit (see test_runs_at_scale.py).
 ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"OMP_NUM_THREADS": "1"}
-#: TPT makes each batch take long enough to act between batches; 12 batches of 4.
+#: TPT makes each batch take long enough to act between batches; 12 batches of 4. Without the view
+#: store: views read from a store another test filled would make the batches too quick to act between.
 RUN = [
     "tta=tpt",
+    "view_store=null",
     "tta.callbacks.tpt.n_views=8",
     "data.domains=[clean]",
     "data.n_per_domain=48",

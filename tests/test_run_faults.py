@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,6 +147,7 @@ def test_a_sweep_stopped_by_sigterm_and_sigkill_ends_equal_to_an_uninterrupted_o
     sweep_args = [
         "-m",
         "tta=tpt",
+        "view_store=null",  # the stopped sweep must not read the views the whole one stored
         "tta.callbacks.tpt.n_views=4,8",
         "seed=0,1",
         "data.domains=[noise]",
@@ -450,3 +452,33 @@ def test_report_skips_a_damaged_metrics_json_and_lists_unfinished_runs(tmp_path)
     assert "| 2 |" in row and "60.0 ± 14.1" in row  # the two readable runs
     assert "Unfinished runs (1" in done.stdout and "- 3: 3 batches written" in done.stdout
     assert "- 3: 3 batches written" in report
+
+
+def test_a_stopped_ddp_process_done_with_its_part_is_ended_not_waited_for_forever(tmp_path):
+    """A DDP process that had finished its part when the stop came waits at the end's barrier, where no
+    signal reaches it (the run hung): its part's lock is free, so it is ended. One whose part is
+    locked (a batch under way) is waited for: it stops after its batch."""
+    from tta.run_folder import wait_for_stopped_process
+
+    done_part, busy_part = tmp_path / "rank1of3", tmp_path / "rank2of3"
+    done_part.mkdir()
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    started = time.monotonic()
+    wait_for_stopped_process(stuck, done_part)
+    assert stuck.returncode == -signal.SIGKILL and time.monotonic() - started < 30
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from tta.run_folder import DirectoryLock; import time; "
+            f"DirectoryLock({str(busy_part)!r}).acquire(); print('locked', flush=True); time.sleep(20)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    finishing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    wait_for_stopped_process(finishing, busy_part)
+    assert finishing.returncode == 0  # waited for, not killed
+    holder.kill()
+    holder.wait()

@@ -24,9 +24,11 @@ from tta.tasks import ZeroShotClassifier
 #: one-device and DDP runs (and resumed runs) agree bit for bit.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 #: TPT (per-sample seeds) stacked with LAME (batch-level): resuming or splitting a stream must
-#: keep both the samples' seeds and the batches' composition.
+#: keep both the samples' seeds and the batches' composition. Without the view store, whose reads
+#: would make the killed run too quick to kill mid-way.
 SLOW_RUN = [
     "tta=[tpt,lame]",
+    "view_store=null",
     "tta.callbacks.tpt.n_views=8",
     "data.domains=[noise,blur]",
     "data.n_per_domain=96",

@@ -561,6 +561,22 @@ class RunPart:
             self._lock = None
 
 
+def wait_for_stopped_process(process: Any, part: Path, poll_s: float = 0.2) -> None:
+    """Wait for a DDP process that was told to stop (``process``: a ``subprocess.Popen``; ``part``:
+    its part folder). It stops after its current batch; but a process that had already finished its
+    part waits for this one at the end's barrier, a C call that no signal interrupts. Its part's
+    lock then is free (held from the first batch to the closing of the part): it is ended at once,
+    losing nothing (its part is closed; one that had not started loses nothing either)."""
+    while process.poll() is None:
+        try:
+            DirectoryLock(part).acquire().release()
+        except RunFolderError:  # held: a batch is under way; it stops after it
+            time.sleep(poll_s)
+            continue
+        process.kill()
+        process.wait()
+
+
 def _part_folders(directory: Path) -> list[Path]:
     """The folders that hold a run's files: its DDP parts, or the run directory itself."""
     parts = directory / "parts"
