@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 
 #: trainer.precision -> autocast dtype; "-true" precisions cast the weights instead.
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-#: Datamodule options that order or batch the samples but never change one (left out of the view
-#: store's key, so that runs that differ only in them share their views).
-LOADER_OPTIONS = ("batch_size", "num_workers", "stream", "dirichlet_alpha", "stream_seed")
 
 
 def seed_in_force() -> int | None:
@@ -227,7 +224,9 @@ class EpisodicTTA(TTACallback):
             return None
         from tta.callbacks.writer import object_settings  # the writer imports this module
 
-        data = {k: v for k, v in object_settings(datamodule).items() if k not in LOADER_OPTIONS}
+        # options that only order or batch the samples stay out: runs that differ in them share views
+        ordering = getattr(datamodule, "ordering_options", ())
+        data = {k: v for k, v in object_settings(datamodule).items() if k not in ordering}
         content = getattr(datamodule, "content_fingerprint", None)
         vlm = pl_module.vlm
         key = {

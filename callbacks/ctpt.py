@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+from collections.abc import Callable
+
 import torch
 from typing_extensions import override
 
 from tta.callbacks.tpt import TPT
-from tta.methods.ctpt import ctpt_adapt
+from tta.methods.ctpt import dispersion_penalty
 from tta.validation import check_number
 
 
@@ -50,16 +51,5 @@ class CTPT(TPT):
         self.lambda_term = lambda_term
 
     @override
-    def adapt(self, pl_module: pl.LightningModule, view_features: torch.Tensor) -> torch.Tensor:
-        return ctpt_adapt(
-            self.prompt,
-            view_features,
-            pl_module.vlm.logits,
-            lambda_term=self.lambda_term,
-            lr=self.lr,
-            steps=self.steps,
-            selection=self.selection,
-            autocast=self.autocast(view_features.device),
-            scaler=self.grad_scaler,
-            checkpoint=self.checkpoint_text,
-        ).logits
+    def text_penalty(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return dispersion_penalty(self.lambda_term)

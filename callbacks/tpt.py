@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytorch_lightning as pl
 import torch
 from typing_extensions import override
@@ -70,4 +72,9 @@ class TPT(EpisodicTTA):
             autocast=self.autocast(device),
             scaler=self.grad_scaler,
             checkpoint=self.checkpoint_text,
+            text_penalty=self.text_penalty(),
         ).logits
+
+    def text_penalty(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A term added to each image's loss from its class text features (none: TPT; C-TPT's dispersion)."""
+        return None

@@ -51,6 +51,7 @@ from tta.run_folder import (
     RunStopped,
     StopSignals,
     merge_parts,
+    part_directory,
     read_rows,
     wait_for_stopped_process,
     write_atomic,
@@ -384,7 +385,7 @@ class PredictionWriter(pl.Callback):
             )
         directory = self.output_dir
         if self._world_size > 1:
-            directory = self.output_dir / "parts" / f"rank{self._rank}of{self._world_size}"
+            directory = part_directory(self.output_dir, self._rank, self._world_size)
             if self._rank == 0:
                 self._run_lock = DirectoryLock(self.output_dir).acquire()
         # on an error from here on, Lightning calls on_exception, which lets the folder go
@@ -478,7 +479,7 @@ class PredictionWriter(pl.Callback):
             # are ended at the end's barrier): wait for them, so that a rerun finds their parts free
             first = trainer.node_rank * trainer.num_devices + 1
             for rank, process in enumerate(getattr(trainer.strategy.launcher, "procs", []), start=first):
-                wait_for_stopped_process(process, self.output_dir / "parts" / f"rank{rank}of{self._world_size}")
+                wait_for_stopped_process(process, part_directory(self.output_dir, rank, self._world_size))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

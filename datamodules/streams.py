@@ -139,6 +139,9 @@ class StreamDataModule(pl.LightningDataModule):
 
     batch_size: int
     num_workers: int = 0
+    #: Constructor arguments that order, batch or load the samples but never change one: samples
+    #: keep their ``index`` (the view store leaves them out of its key).
+    ordering_options: tuple[str, ...] = ("batch_size", "num_workers", "stream", "dirichlet_alpha", "stream_seed")
     #: Where constructor arguments are kept for the run key (``tta.callbacks.writer.object_settings``):
     #: the resizing settings live in the datamodule's ``Preprocess``.
     argument_attributes: dict[str, str | None] = {

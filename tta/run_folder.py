@@ -561,6 +561,11 @@ class RunPart:
             self._lock = None
 
 
+def part_directory(directory: Path, rank: int, world_size: int) -> Path:
+    """The folder of DDP process ``rank``'s part of the run in ``directory``."""
+    return directory / "parts" / f"rank{rank}of{world_size}"
+
+
 def wait_for_stopped_process(process: Any, part: Path, poll_s: float = 0.2) -> None:
     """Wait for a DDP process that was told to stop (``process``: a ``subprocess.Popen``; ``part``:
     its part folder). It stops after its current batch; but a process that had already finished its
@@ -614,7 +619,7 @@ def merge_parts(directory: str | Path, run: dict[str, Any], columns: Sequence[st
     """Write ``predictions.csv`` and ``timing.csv`` of ``directory`` from its DDP parts, in stream
     order (global batch ``g`` came from rank ``g % world_size``); returns the parts' states."""
     directory = Path(directory)
-    parts = [RunPart(directory / "parts" / f"rank{r}of{world_size}", run, columns) for r in range(world_size)]
+    parts = [RunPart(part_directory(directory, r, world_size), run, columns) for r in range(world_size)]
     states = []
     for part in parts:
         state = part.read_state()

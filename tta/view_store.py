@@ -9,7 +9,7 @@ the bytes the first run computed, so its predictions are those of a run without 
 **The key** (``key.json`` in the key's folder) holds everything that changes a feature: the
 model's weights (their SHA-256) and input normalisation, the data set (its reader's class and
 every setting that changes a sample, the fingerprint of the files it reads), the view recipe
-(kind and number), the run seed and the precision. Each sample's file is named by its index
+(kind and number), the run seed, the precision and the device type. Each sample's file is named by its index
 and holds, besides the features, the key's digest, the index, the sample's digest (SHA-256 of
 the image as loaded) and the features' SHA-256. A file that is
 unreadable, foreign (another key, index or image) or damaged is recomputed and rewritten, with
@@ -65,8 +65,8 @@ class ViewFeatureStore:
 
     Args:
         root: the store's folder (shared by every key: each key has a subfolder named by its digest).
-        key: plain data naming everything that changes a feature (see :func:`tta.callbacks.base`'s
-            ``EpisodicTTA.view_store_key``).
+        key: plain data naming everything that changes a feature (see
+            ``tta.callbacks.base.EpisodicTTA.open_view_store``).
     """
 
     def __init__(self, root: str | Path, key: dict[str, Any]) -> None:
