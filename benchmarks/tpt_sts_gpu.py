@@ -1,7 +1,8 @@
-"""TPT, STS, LAME, ZERO, MTA, C-TPT on a GPU: open_clip ViT-B/16 (random weights), 1000 ImageNet classes, 64 views.
+"""TPT, STS, LAME, ZERO, MTA, C-TPT and the online methods on a GPU: open_clip ViT-B/16 (random weights),
+1000 ImageNet classes, 64 views.
 
     python benchmarks/tpt_sts_gpu.py [--images 32] [--batch 8] [--out benchmarks/results/tpt_sts_gpu.md]
-    python benchmarks/tpt_sts_gpu.py --device cpu --images 2 --classes 20 --views 4   # smoke test of the script
+    python benchmarks/tpt_sts_gpu.py --device cpu --images 2 --classes 20 --views 10   # smoke test of the script
 
 Prints one table (method, precision, ms per image, peak GB, time relative to the reference-style
 TPT) and, with ``--out``, writes it there. Rows, all over the same images and per-sample views:
@@ -29,14 +30,21 @@ import torch
 
 from tta.augment import make_views
 from tta.callbacks.base import sample_seed
+from tta.methods.boostadapter import BoostAdapterState
 from tta.methods.ctpt import ctpt_adapt
+from tta.methods.dmn import DMNState
+from tta.methods.dota import DOTAState
 from tta.methods.entropy import marginal_entropy, select_confident
 from tta.methods.lame import laplacian_adjust
 from tta.methods.mta import mta_mode
 from tta.methods.sts import spectral_basis, sts_adapt
+from tta.methods.tda import TDAState
 from tta.methods.tpt import tpt_adapt
 from tta.methods.zero import zero_predict
 from tta.models import PromptLearner, create_vlm
+
+#: The online methods' states, with their reference defaults (ImageNet-A's settings for the views).
+ONLINE_STATES = {"TDA": TDAState, "BoostAdapter": BoostAdapterState, "DMN-ZS": DMNState, "DOTA": DOTAState}
 
 
 def imagenet_class_names() -> list[str]:
@@ -78,7 +86,7 @@ def main() -> None:
         parser.error(
             "torch sees no CUDA device (torch.cuda.is_available() is False): run this on a machine with an "
             "NVIDIA GPU and a CUDA build of torch, or smoke-test the script with "
-            "--device cpu --images 2 --classes 20 --views 4"
+            "--device cpu --images 2 --classes 20 --views 10"
         )
     batch = min(args.batch, args.images)
     if args.images % batch:
@@ -183,6 +191,19 @@ def main() -> None:
                 prompt, view_features(i, batch, bf16), vlm.logits, autocast=bf16(), checkpoint=True
             ).logits.argmax(-1)
 
+    def online(state_class: type):
+        """The views of 8 images at once (fp16 autocast, as the references' fp16 CLIP), then each image's step
+        through one state carried along the 32 images (the references' one-at-a-time loop)."""
+
+        def fn():
+            state = state_class(class_features, float(vlm.logit_scale))
+            for i in range(0, n, batch):
+                feats = view_features(i, batch, fp16)
+                for features in feats:
+                    state.step(features)
+
+        return fn
+
     def zero_shot_original(lame: bool):
         def fn():
             with torch.no_grad(), bf16():
@@ -219,6 +240,14 @@ def main() -> None:
         (f"ZERO: {args.views} views, {b} images at once", fp16_name, our_zero),
         (f"MTA: {args.views} views, {b} images at once", fp16_name, our_mta),
         (f"C-TPT: {seq}, shared prefix, {b} images at once, checkpointed", bf16_name, our_ctpt),
+        *(
+            (
+                f"{name}: {args.views} views, {b} images' views at once, one state along the images",
+                fp16_name,
+                online(cls),
+            )
+            for name, cls in ONLINE_STATES.items()
+        ),
     )
     rows = []
     for name, precision, fn in cases:
@@ -249,6 +278,9 @@ def main() -> None:
         f"ZERO / zero-shot (both encode the views): {rows[9][2] / rows[0][2]:.2f}x; "
         f"MTA: {rows[10][2] / rows[0][2]:.2f}x; "
         f"C-TPT / batched TPT: {rows[11][2] / rows[4][2]:.2f}x",
+        "online methods' own work per image (their row less zero-shot's over the same views, "
+        f"{rows[0][2]:.1f} ms): "
+        + ", ".join(f"{name} {rows[12 + k][2] - rows[0][2]:.1f} ms" for k, name in enumerate(ONLINE_STATES)),
     ]
     print("\n".join(lines))
     if args.out is not None:

@@ -11,6 +11,9 @@ appending, resume point, merging the ranks). Files in ``output_dir``:
   hash of their bytes), rewritten atomically after every batch: what a rerun verifies and
   resumes from;
 - ``run.lock``: held by the writing process for the whole run;
+- ``stream_state-<batches>.safetensors``: with online methods (``tta.callbacks.online.OnlineTTA``),
+  their state after that many finished batches, named in ``progress.json`` (saved with every batch
+  unless saving takes more than :data:`STATE_SAVE_SHARE` of the run's time, and before a stop);
 - ``metrics.json``: at the end, from the rows.
 
 Under DDP each process writes its own part in ``parts/rank<r>of<W>/``; at the end rank 0
@@ -40,9 +43,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import Logger
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from typing_extensions import override
 
 from tta.callbacks.base import seed_in_force
+from tta.callbacks.online import OnlineTTA
 from tta.fingerprint import weights_fingerprint
 from tta.run_folder import (
     DirectoryLock,
@@ -61,6 +67,12 @@ log = logging.getLogger(__name__)
 #: How long a DDP process waits for its part of the run directory to be let go by a process of
 #: a killed run (which stops after its current batch, see ``tta.cli.stop_with_launching_process``).
 DDP_PART_WAIT_S = 60.0
+#: The most of a run's time that saving the online methods' state may take: the state is saved with a
+#: batch once the time since the last save is at least the last save's duration over this share (with
+#: every batch while saving is quick; a large state, e.g. DOTA's covariances on ImageNet, less often),
+#: and always with the batch that ends the run or before a stop. A resume starts after the last saved
+#: state and redoes the batches after it, with the same rows.
+STATE_SAVE_SHARE = 0.1
 #: metrics.json keys that depend on the machine and the moment, not on the predictions.
 TIMING_KEYS = ("ms_per_sample", "adapt_ms_per_sample", "peak_mem_mb")
 
@@ -353,6 +365,8 @@ class PredictionWriter(pl.Callback):
         )
         self._total_batches = 0
         self._rank, self._world_size = 0, 1
+        self._online: list[OnlineTTA] = []  # the run's online methods, whose state goes with each batch
+        self._state_saved_at, self._state_save_s = float("-inf"), 0.0  # when the state was saved, in how long
 
     @property
     def predictions_path(self) -> Path:
@@ -402,6 +416,10 @@ class PredictionWriter(pl.Callback):
         # a DDP process of a run killed just before may still be finishing its batch in this part
         # (it stops within seconds of its launching process): wait for it rather than fail
         done = self._part.open(wait_s=DDP_PART_WAIT_S if self._world_size > 1 else 0.0)
+        self._online = [callback for callback in trainer.callbacks if isinstance(callback, OnlineTTA)]
+        self._state_saved_at, self._state_save_s = float("-inf"), 0.0
+        if done and self._online:
+            self._resume_stream_state(done)
         self._progress_sums = {}
         self._count_progress(pl_module, read_rows(self._part.predictions))
         datamodule = trainer.datamodule
@@ -464,7 +482,7 @@ class PredictionWriter(pl.Callback):
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(trainer, pl_module, time.perf_counter())
+        self._flush(trainer, pl_module, time.perf_counter(), last=True)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -532,7 +550,7 @@ class PredictionWriter(pl.Callback):
                 "empty directory"
             )
 
-    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float) -> None:
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float, last: bool = False) -> None:
         if self._pending is None or self._pending[0] is None:
             return
         outputs, started, skipped = self._pending
@@ -553,11 +571,57 @@ class PredictionWriter(pl.Callback):
             }
             for i, row in enumerate(rows)
         ]
-        self._part.append(rows, timing, **skipped)
+        saving = bool(self._online) and (
+            last
+            or self._stop.received is not None
+            or now - self._state_saved_at >= self._state_save_s / STATE_SAVE_SHARE
+        )
+        began = time.perf_counter()
+        self._part.append(rows, timing, **skipped, stream_state=self._stream_state() if saving else None)
+        if saving:
+            self._state_saved_at = time.perf_counter()
+            self._state_save_s = self._state_saved_at - began
         self._count_progress(pl_module, [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows])
         if self.progress:
             for logger in trainer.loggers:
                 logger.log_metrics({f"running/{k}": v for k, v in self.progress.items()}, step=len(self._part.batches))
+
+    def _stream_state(self) -> bytes | None:
+        """The online methods' state now (after the batch being written), as one safetensors file: the
+        ``k``-th online callback's entries prefixed ``k.``."""
+        if not self._online:
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        text: dict[str, str] = {}
+        for k, callback in enumerate(self._online):
+            state, words = callback.stream_state()
+            tensors.update({f"{k}.{name}": value for name, value in state.items()})
+            text.update({f"{k}.{name}": value for name, value in words.items()})
+        return safetensors_save(tensors, metadata=text)
+
+    def _resume_stream_state(self, done: int) -> None:
+        saved = self._part.stream_state
+        if saved is None:
+            raise RunFolderError(
+                f"{self._part.progress} records {done} finished batches but no online methods' state, so "
+                f"{', '.join(c.method_name for c in self._online)} cannot continue the stream: write to another "
+                "directory, or move this one aside and rerun to start over"
+            )
+        try:
+            tensors = safetensors_load(saved)
+            header = int.from_bytes(saved[:8], "little")  # safetensors: header length, JSON header, data
+            text = json.loads(saved[8 : 8 + header]).get("__metadata__") or {}
+        except Exception as error:  # verified bytes that safetensors cannot read: another format
+            raise RunFolderError(
+                f"the online methods' state in {self._part.directory} cannot be read ({error}): move the folder "
+                "aside and rerun to start over"
+            ) from None
+        for k, callback in enumerate(self._online):
+            prefix = f"{k}."
+            callback.resume_stream_state(
+                {name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)},
+                {name.removeprefix(prefix): value for name, value in text.items() if name.startswith(prefix)},
+            )
 
     def _count_progress(self, pl_module: pl.LightningModule, rows: list[dict[str, str]]) -> None:
         for row in rows:

@@ -345,10 +345,54 @@ def test_world_cards(card, overrides, tmp_path):
     assert result["metrics"]["n"] >= 1
 
 
+#: The online methods' card folders (one card per data set) and the cards of each that the tier runs:
+#: one of the ImageNet family, one fine-grained.
+ONLINE_FAMILIES = ("tda_vit_b16", "boostadapter_vit_b16", "dmn_vit_b16", "dota_vit_b16")
+
+
+def composed_card(card: str, overrides: list[str] = ()):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="tta.configs", version_base="1.3"):
+        return compose("predict", overrides=[f"experiment={card}", *overrides])
+
+
+@pytest.mark.parametrize("family", ONLINE_FAMILIES)
+@pytest.mark.parametrize("where", ["imagenet_a", "food101"])
+def test_online_cards(family, where, trees, tmp_path):
+    """An online method's card as its reference runs that data set: two images, one batch; the card's
+    views (cut to 10 where it has more: the 10% most confident are one of them) read through the
+    shared view encoder; its precision as the reference's (asserted on the composed card); the method's
+    state carried from the first image to the second and saved with the run."""
+    method = family.removesuffix("_vit_b16")
+    card = f"{family}/{where}"
+    composed = composed_card(card, ["trainer=gpu"])
+    settings = composed.tta.callbacks[method]
+    n_views = min(10, settings.n_views)
+    size = WHERE[where][1]  # the card names the data set itself
+    overrides = [f"data.root={trees[where]}", *SMALL, f"tta.callbacks.{method}.n_views={n_views}", "view_store=null"]
+    result = run_card(card, overrides, tmp_path)
+    probe = result["probe"]
+    assert_openai_clip_preprocessing(probe, size)
+    if where == "imagenet_a":
+        assert_imagenet_a_names(probe)
+    else:
+        assert probe["class_names"]["n"] == 101
+    (episodic,) = probe["episodic"]
+    assert (episodic["n_views"], episodic["views"]) == (n_views, settings.views)
+    assert result["metrics"]["n"] == 2 and result["metrics"]["method"] == method
+    # views beyond the original are encoded by the view encoder; a one-view card reads the forward's features
+    assert probe["encoded"] == ([[2, 224, 224], [2 * n_views, 224, 224]] if n_views > 1 else [[2, 224, 224]])
+    assert len(list(tmp_path.glob("stream_state-*.safetensors"))) == 1
+    assert composed.trainer.precision in ("16-mixed", "32-true")
+
+
 def test_every_card_is_in_the_tier():
     from importlib.resources import files
 
-    cards = {p.name.removesuffix(".yaml") for p in files("tta.configs").joinpath("experiment").iterdir()}
+    experiment = files("tta.configs").joinpath("experiment")
+    cards = {p.name.removesuffix(".yaml") for p in experiment.iterdir() if p.name.endswith(".yaml")}
+    assert {p.name for p in experiment.iterdir() if p.is_dir()} == set(ONLINE_FAMILIES)
     tested = {
         "tpt_imagenet_vit_b16",
         "tpt_imagenet_rn50",

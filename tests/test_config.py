@@ -25,7 +25,19 @@ HYDRA_GROUPS = {"hydra"}
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in CONFIGS.joinpath(group).iterdir() if p.name.endswith(".yaml"))
+    """The group's options, those in its sub-folders too (``tda_vit_b16/dtd``); files whose name starts
+    with ``_`` are parts that options include, not options."""
+    found = []
+    for entry in CONFIGS.joinpath(group).iterdir():
+        if entry.is_dir() and not entry.name.startswith(("_", ".")) and group == "experiment":
+            found += [f"{entry.name}/{p.name.removesuffix('.yaml')}" for p in entry.iterdir() if _is_option(p.name)]
+        elif _is_option(entry.name):
+            found.append(entry.name.removesuffix(".yaml"))
+    return sorted(found)
+
+
+def _is_option(name: str) -> bool:
+    return name.endswith(".yaml") and not name.startswith("_")
 
 
 def test_every_group_is_tested():

@@ -44,6 +44,10 @@ from tta.callbacks import CTPT, LAME, MTA, STS, TPT, ZERO, DiffTPT, EpisodicTTA,
 from tta.cli import run
 from tta.methods import search as search_methods
 from tta.methods import ttm as ttm_methods
+from tta.methods.boostadapter import BoostAdapterState
+from tta.methods.dmn import DMNState
+from tta.methods.dota import DOTAState
+from tta.methods.tda import TDAState
 from tta.models import PromptLearner, VisionLanguageModel, create_vlm
 from tta.tasks import GroupScorer, SearchEpisodeRunner
 from tta.tasks.group_scorer import GROUP_METRICS
@@ -53,7 +57,22 @@ DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 #: trainer.precision of each variant; Lightning runs 16-mixed as bf16-mixed on a CPU, so the
 #: fp16 variant is CUDA's only.
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-METHODS = ("none", "views", "tpt", "sts", "zero", "mta", "ctpt", "lame", "sts_lame", "difftpt", "ttm", "search_tta")
+ONLINE = ("tda", "boostadapter", "dmn", "dota")
+METHODS = (
+    "none",
+    "views",
+    "tpt",
+    "sts",
+    "zero",
+    "mta",
+    "ctpt",
+    *ONLINE,
+    "lame",
+    "sts_lame",
+    "difftpt",
+    "ttm",
+    "search_tta",
+)
 
 #: fp32 on the device against fp32 on the CPU (cuDNN's TF32 convolutions turned off for it).
 FP32_AGREEMENT = 0.99
@@ -99,6 +118,13 @@ def method_overrides(method: str, scale: Scale, precision: str) -> list[str]:
         return [f"tta={method}", *world]
     if method in ("views", "tpt", "sts", "zero", "mta", "ctpt"):
         return [f"tta={method}", *world, f"tta.callbacks.{method}.n_views={scale.views}"]
+    if method in ONLINE:
+        # views through the shared encoder (at least 10: the 10% most confident are one); against the CPU in
+        # fp32, the parts the references run in fp16 (TDA's cache logits, DOTA's inverse and scores) in fp32
+        # too: fp16 kernels round differently on the two devices, and the stream compounds it
+        fp32 = {"tda": "cache_dtype=float32", "boostadapter": "cache_dtype=float32", "dota": "compute_dtype=float32"}
+        exact = [f"tta.callbacks.{method}.{fp32[method]}"] if precision == "32-true" and method in fp32 else []
+        return [f"tta={method}", *world, f"tta.callbacks.{method}.n_views={max(10, scale.views)}", *exact]
     if method == "sts_lame":
         return ["tta=[sts,lame]", *world, f"tta.callbacks.sts.n_views={scale.views}"]
     if method == "difftpt":
@@ -148,6 +174,7 @@ METHOD_PROBES = {
     "zero": {"class features", "view features", "method state"},
     "mta": {"class features", "view features", "method state"},
     "ctpt": {"class features", "view features", "method state", "prompt"},
+    **{method: {"class features", "view features", "online state"} for method in ONLINE},
     "lame": {"class features", "LAME"},
     "sts_lame": {"class features", "view features", "method state", "LAME"},
     "difftpt": {"class features", "view features", "method state", "prompt", "diffusion views"},
@@ -216,6 +243,8 @@ class Probes:
                 self.watch(cls, "encode_views", lambda a, r: self.run.record("view features", r))
             if "adapt" in vars(cls):
                 self.watch(cls, "adapt", self._adapted)
+        for state in (TDAState, BoostAdapterState, DMNState, DOTAState):  # the state after each sample's step
+            self.watch(state, "step", lambda a, r: self.run.record("online state", r, a[0].state_dict()))
         self.watch(PromptLearner, "text_features", self._prompt)
         self.watch(DiffusionViewGenerator, "views", lambda a, r: self.run.record("diffusion views", a[1], r))
         self.watch(LAME, "process_batch", lambda a, r: self.run.record("LAME", r))

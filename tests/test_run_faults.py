@@ -186,6 +186,52 @@ def test_a_sweep_stopped_by_sigterm_and_sigkill_ends_equal_to_an_uninterrupted_o
         assert (sweep / str(j) / "metrics.json").is_file()
 
 
+def test_an_online_sweep_killed_at_random_batches_ends_equal_to_an_uninterrupted_one(tmp_path):
+    """TDA carries its caches from one sample to the next: a sweep over stream orders and seeds, killed
+    (SIGKILL, no chance to clean up) at seeded random batches and rerun after each kill, ends with the
+    bytes of an uninterrupted sweep, its caches restored from the state saved with each batch."""
+    sweep_args = [
+        "-m",
+        "tta=tda",
+        "view_store=null",  # views read from a store would make the batches too quick to kill between
+        "tta.callbacks.tda.n_views=10",
+        "data.stream=iid,sorted",
+        "seed=0,1",
+        "data.domains=[clean,noise]",
+        "data.n_per_domain=12",
+        "data.batch_size=4",
+        "trainer.enable_progress_bar=false",
+        "print_table=false",
+    ]
+    jobs, per_job = 4, 6
+    whole = tta_predict([*sweep_args, f"hydra.sweep.dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    sweep = tmp_path / "killed"
+    rng = random.Random(24)
+    kills = 0
+    while kills < 4:
+        # a random batch of the first job that has one left before its last (the sweep runs jobs in order)
+        unfinished = [j for j in range(jobs) if batches_done(sweep / str(j)) < per_job - 1]
+        if not unfinished:
+            break
+        job = unfinished[0]
+        batch = rng.randint(batches_done(sweep / str(job)) + 1, per_job - 1)
+        process = start([*sweep_args, f"hydra.sweep.dir={sweep}"], tmp_path)
+        wait_for_batches(sweep / str(job), batch, process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=600)
+        assert process.returncode == -signal.SIGKILL
+        kills += 1
+    assert kills >= 3 and any(batches_done(sweep / str(j)) < per_job for j in range(jobs))
+    done = tta_predict([*sweep_args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for j in range(jobs):
+        expected = (tmp_path / "whole" / str(j) / "predictions.csv").read_bytes()
+        assert (sweep / str(j) / "predictions.csv").read_bytes() == expected, j
+        assert len(list((sweep / str(j)).glob("stream_state-*.safetensors"))) == 1
+
+
 # --- 4: the Python writer's run key -----------------------------------------------------------
 
 

@@ -327,6 +327,16 @@ def _key_notes(path: Path) -> dict[str, str]:
     return notes
 
 
+def card_families(folder: Path) -> dict[str, list[Path]]:
+    """The card folders of ``experiment`` (one card per data set: ``tda_vit_b16/dtd``) and their cards;
+    files whose name starts with ``_`` are the parts the cards include."""
+    return {
+        family.name: sorted(p for p in family.glob("*.yaml") if not p.name.startswith("_"))
+        for family in sorted(folder.iterdir())
+        if family.is_dir() and not family.name.startswith(("_", "."))
+    }
+
+
 def describe() -> str:
     """The text of ``tta-predict list`` (and ``--help``); every line fits 80 columns."""
     root = _config_dir()
@@ -334,7 +344,9 @@ def describe() -> str:
     for group in GROUPS:
         folder = root / group
         options = sorted(folder.glob("*.yaml"))
-        out.append(f"{group}=  ({len(options)} options)")
+        families = card_families(folder) if group == "experiment" else {}
+        count = len(options) + sum(len(cards) for cards in families.values())
+        out.append(f"{group}=  ({count} options)")
         for path in options:
             out += _note_lines(path, path.stem)
             if group == "tta":
@@ -347,6 +359,10 @@ def describe() -> str:
                 out += _wrap(f"keys and defaults{f' (on top of {bases})' if bases else ''}:", WIDTH, " " * 6)
                 for key, default, note in option_keys(path, group):
                     out += _entry(f"{key}={default}", note, indent=8, column=40)
+        for family, cards in families.items():
+            bases = sorted((folder / family).glob("_*.yaml"))
+            out += _note_lines(bases[0] if bases else cards[0], f"{family}/<data set>")
+            out += _wrap("data sets: " + ", ".join(card.stem for card in cards), WIDTH, " " * 6)
         out.append("")
     out.append("Top-level keys: seed=<int> (views and adaptation randomness), threads=<n>")
     out.append("(torch CPU threads), print_table=true|false. Random weights for any open_clip")

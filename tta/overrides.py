@@ -125,13 +125,12 @@ def _split(overrides: list[Override], repo: Any) -> tuple[list[Override], list[O
 def _jobs(groups: list[Override], repo: Any) -> list[tuple[dict[str, str], list[str]]] | str | None:
     """The group overrides of each job to compose: ``(swept choices, overrides)``; a message for
     a group option that does not exist; None where a sweep cannot be expanded here."""
-    from hydra.core.object_type import ObjectType
     from hydra.core.override_parser.types import Glob, ValueType
 
     fixed, swept = [], []
     for override in groups:
         group = override.key_or_group
-        options = repo.get_group_options(group, results_filter=ObjectType.CONFIG)
+        options = _group_options(repo, group)
         if override.is_sweep_override():
             if override.value_type == ValueType.GLOB_CHOICE_SWEEP and isinstance(override.value(), Glob):
                 choices = override.value().filter(options)
@@ -156,6 +155,21 @@ def _jobs(groups: list[Override], repo: Any) -> list[tuple[dict[str, str], list[
         combinations = [tuple(choices[i % len(choices)] for choices in swept) for i in range(longest)]
         combinations = combinations[:MAX_COMBINATIONS]
     return [(dict(combo), [*fixed, *(f"{k}={v}" for k, v in combo)]) for combo in combinations]
+
+
+def _group_options(repo: Any, group: str) -> list[str]:
+    """The group's options, those of its sub-folders too (``tda_vit_b16/dtd``); names starting with ``_``
+    are parts that options include."""
+    from hydra.core.object_type import ObjectType
+
+    options = repo.get_group_options(group, results_filter=ObjectType.CONFIG)
+    for folder in repo.get_group_options(group, results_filter=ObjectType.GROUP):
+        options += [
+            f"{folder}/{name}"
+            for name in repo.get_group_options(f"{group}/{folder}", results_filter=ObjectType.CONFIG)
+            if not name.startswith("_")
+        ]
+    return options
 
 
 def _choice_names(choice: str) -> list[str]:

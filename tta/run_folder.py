@@ -10,12 +10,19 @@ A run folder (or, under DDP, each process's ``parts/rank<r>of<W>/``) holds
   and SHA-256 of its bytes in each CSV; rewritten atomically (temporary file, then rename)
   after every batch, so it always describes whole batches;
 - ``run.lock``: an exclusive ``flock`` held by the process that writes the folder, with its PID
-  and host. The lock belongs to the open file, so it ends with the process, however it ends.
+  and host. The lock belongs to the open file, so it ends with the process, however it ends;
+- ``stream_state-<batches>.safetensors`` (online methods only): the methods' state after that
+  many finished batches, written atomically before the ``progress.json`` that names it (with its
+  size, SHA-256 and batch count); the one before is then removed. A state need not be saved with
+  every batch (a large one is saved less often, see ``tta.callbacks.writer``): a resume then
+  starts after the state's batches, and the rows after them are dropped and redone, the same.
 
-On resume the CSVs are checked against ``progress.json`` batch by batch before anything is
-written. Bytes after the last recorded batch (rows of a batch that a kill cut short) are the
-one thing repaired: they are dropped. Anything else that does not verify stops the run with a
-:class:`RunFolderError` naming the file and the fix; such files are never cut or padded.
+On resume the CSVs are checked against ``progress.json`` batch by batch, and the stream state
+against its recorded checksum, before anything is written. Bytes after the last recorded batch
+(rows of a batch that a kill cut short), rows after the last saved stream state, and stream
+states that ``progress.json`` does not name are the one thing repaired: they are dropped.
+Anything else that does not verify stops the run with a :class:`RunFolderError` naming the file
+and the fix; such files are never cut or padded.
 """
 
 from __future__ import annotations
@@ -128,12 +135,12 @@ def make_directory(directory: Path) -> None:
         ) from None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a reader
     (or a kill) sees the old file or the new one, never half of one."""
     temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.write_text(text)
+        temporary.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(temporary, path)
     except OSError as error:
         raise _cannot_write(path, error) from None
@@ -336,6 +343,11 @@ def _layout_problem(state: dict[str, Any]) -> str:
     return ""
 
 
+def stream_state_name(batches: int) -> str:
+    """The file name of the stream state after ``batches`` finished batches."""
+    return f"stream_state-{batches:07d}.safetensors"
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -369,6 +381,11 @@ class RunPart:
         self.skipped_images = 0  # images left out of the finished batches (undecodable), all sessions
         self.skipped_paths: list[str] = []  # the first SHOWN_SKIPPED_PATHS of them
         self.peak_mem_mb: float | None = None  # this session's, once closed
+        #: The online methods' state after the finished batches (verified bytes; ``None``: none saved).
+        self.stream_state: bytes | None = None
+        #: The saved state's record in progress.json: file, bytes, sha256, and the batches and skipped
+        #: images it follows (what a resume rolls back to).
+        self._stream_record: dict[str, Any] | None = None
         self._lock: DirectoryLock | None = None
         self._files: dict[str, Any] = {}
 
@@ -455,6 +472,53 @@ class RunPart:
             ends[name] = position
         return ends
 
+    def verified_stream_state(self, state: dict[str, Any]) -> bytes | None:
+        """The stream state ``progress.json`` names, checked against its size and SHA-256 (``None``:
+        the run saved none)."""
+        record = state.get("stream_state")
+        if record is None:
+            return None
+        keys = {"file", "bytes", "sha256", "batches", "skipped_images", "skipped_paths"}
+        if not (isinstance(record, dict) and keys <= set(record) and 0 <= record["batches"] <= len(state["batches"])):
+            raise RunFolderError(
+                f"{self.progress} is damaged (stream_state: not a record of a saved state): move {self.directory} "
+                "aside (or delete it) and rerun to start over"
+            )
+        path = self.directory / Path(record["file"]).name
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise RunFolderError(
+                f"cannot read {path} ({_reason(error)}), the online methods' state after {record['batches']} "
+                f"finished batches: restore it, or move {self.directory} aside and rerun to start over"
+            ) from None
+        if len(data) != record["bytes"] or _digest(data) != record["sha256"]:
+            raise RunFolderError(
+                f"{path} does not match {self.progress} (the online methods' state changed since it was saved): "
+                f"restore it, or move {self.directory} aside and rerun to start over"
+            )
+        return data
+
+    def _roll_back_to_stream_state(self, ends: dict[str, int]) -> None:
+        """Forget the batches after the saved stream state (their rows are dropped and redone)."""
+        kept = self._stream_record["batches"]
+        if kept == len(self.batches):
+            return
+        for name, columns in ((PREDICTIONS, self.columns), (TIMING, TIMING_COLUMNS)):
+            self.extents[name] = self.extents[name][:kept]
+            ends[name] = len(_header(columns)) + sum(size for size, _ in self.extents[name])
+        self.batches = self.batches[:kept]
+        self.skipped_images = self._stream_record["skipped_images"]
+        self.skipped_paths = list(self._stream_record["skipped_paths"])
+
+    def _remove_stale_stream_states(self) -> None:
+        """Remove the stream states that ``progress.json`` does not name (one a kill left half-done)."""
+        keep = self._stream_record["file"] if self._stream_record else None
+        for path in self.directory.glob("stream_state-*.safetensors*"):
+            if path.name != keep:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     def _mismatch(self, path: Path, what: str) -> None:
         raise RunFolderError(
             f"{path} does not match {self.progress} ({what}: rows changed, deleted or inserted): move "
@@ -482,6 +546,11 @@ class RunPart:
                 self.batches = list(state["batches"])
                 self.extents = {name: list(state[name]) for name in (PREDICTIONS, TIMING)}
                 self.skipped_images, self.skipped_paths = int(state["skipped_images"]), list(state["skipped_paths"])
+                self.stream_state = self.verified_stream_state(state)
+                self._stream_record = state.get("stream_state")
+                if self._stream_record is not None:
+                    self._roll_back_to_stream_state(ends)
+            self._remove_stale_stream_states()
             self.save()  # first, so that a fresh folder is recognised as this run's from now on
             for name, columns in ((PREDICTIONS, self.columns), (TIMING, TIMING_COLUMNS)):
                 path = self.directory / name
@@ -506,9 +575,12 @@ class RunPart:
         timing: Sequence[dict[str, Any]],
         skipped_images: int = 0,
         skipped_paths: Sequence[str] = (),
+        stream_state: bytes | None = None,
     ) -> None:
         """Append one finished batch: its rows for each CSV, how many images it left out
-        (undecodable) and their paths where known. Written and flushed, then recorded."""
+        (undecodable) and their paths where known, and the online methods' state after it
+        (``stream_state``, bytes; ``None``: the state saved before stays the one a resume starts
+        from). Written and flushed, then recorded."""
         for name, rows, columns in ((PREDICTIONS, predictions, self.columns), (TIMING, timing, TIMING_COLUMNS)):
             data = csv_text(rows, columns).encode()
             try:
@@ -520,7 +592,23 @@ class RunPart:
         self.batches.append(len(predictions))
         self.skipped_images += skipped_images
         self.skipped_paths = [*self.skipped_paths, *skipped_paths][:SHOWN_SKIPPED_PATHS]
+        previous = self._stream_record
+        if stream_state is not None:
+            name = stream_state_name(len(self.batches))
+            write_atomic(self.directory / name, stream_state)
+            self.stream_state = stream_state
+            self._stream_record = {
+                "file": name,
+                "bytes": len(stream_state),
+                "sha256": _digest(stream_state),
+                "batches": len(self.batches),
+                "skipped_images": self.skipped_images,
+                "skipped_paths": self.skipped_paths,
+            }
         self.save()
+        if previous is not None and previous != self._stream_record:
+            with contextlib.suppress(OSError):  # a leftover is removed at the next open
+                (self.directory / previous["file"]).unlink()
 
     def save(self) -> None:
         write_atomic(
@@ -536,6 +624,7 @@ class RunPart:
                     "skipped_images": self.skipped_images,
                     "skipped_paths": self.skipped_paths,
                     "peak_mem_mb": self.peak_mem_mb,
+                    "stream_state": self._stream_record,
                 }
             )
             + "\n",
