@@ -104,12 +104,18 @@ class OnlineTTA(EpisodicTTA):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "predict" and trainer.world_size > 1:
+        if stage == "predict":
+            self.check_one_process(trainer.world_size)
+
+    def check_one_process(self, world_size: int) -> None:
+        """Refuse a run on several processes (DDP), naming the fix (``tta-predict`` asks before it
+        launches them)."""
+        if world_size > 1:
             raise OptionError(
                 "trainer.devices",
-                f"is {trainer.world_size} processes, but {type(self).__name__} learns from the stream in its "
-                "order and each process would see only every other batch of it: predict on one device "
-                "(trainer.devices=1, or trainer=cpu / trainer=gpu)",
+                f"is {world_size} processes, but {type(self).__name__} learns from the stream in its order and "
+                "each process would see only every other batch of it: predict on one device (trainer.devices=1, "
+                "or trainer=cpu / trainer=gpu)",
             )
 
     @override

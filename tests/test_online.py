@@ -20,6 +20,7 @@ import types
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import one_line_error, tta_predict
 from test_tta_callbacks import predict
 
 from tta.callbacks import PredictionWriter
@@ -138,11 +139,17 @@ def test_the_model_is_unchanged_and_bad_options_are_refused(module):
         Prototypes(continual="yes")
 
 
-def test_a_ddp_run_is_refused_naming_the_fix():
+def test_a_ddp_run_is_refused_naming_the_fix(tmp_path):
+    """From Python, at the trainer's setup; from tta-predict, before the processes are launched: one line,
+    nothing written but the lock."""
     trainer = types.SimpleNamespace(world_size=2)
     with pytest.raises(OptionError, match=r"trainer.devices.*predict on one device"):
         Prototypes().setup(trainer, None, "predict")
     Prototypes().setup(types.SimpleNamespace(world_size=1), None, "predict")
+    run = tmp_path / "run"
+    args = ["tta=tda", "trainer=ddp_cpu", "data.n_per_domain=2", "data.domains=[clean]", f"hydra.run.dir={run}"]
+    one_line_error(tta_predict(args, tmp_path), "trainer.devices is 2 processes", "predict on one device")
+    assert [p.name for p in run.iterdir()] == ["run.lock"]
 
 
 def _run(module, directory, callbacks, fail_after=None, batch_size=3, stream="iid"):

@@ -181,7 +181,7 @@ def run(cfg: DictConfig, output_dir: str | Path, launching: bool = True) -> dict
         import pytorch_lightning as pl
         import torch
 
-        from tta.callbacks import PredictionWriter, TTAProgressBar
+        from tta.callbacks import OnlineTTA, PredictionWriter, TTAProgressBar
         from tta.callbacks.writer import run_inputs
 
     # Lightning's start-up banners (device summary, product tips) drown the table
@@ -201,6 +201,10 @@ def run(cfg: DictConfig, output_dir: str | Path, launching: bool = True) -> dict
     if hasattr(module, "check_datamodule"):  # e.g. class names in another order than the data's
         module.check_datamodule(datamodule)
     callbacks = tta_callbacks(cfg)
+    online = [callback for callback in callbacks if isinstance(callback, OnlineTTA)]
+    if online:  # before DDP's processes are launched: a trainer that is never run tells how many there would be
+        world_size = instantiate(cfg.trainer, logger=False, enable_progress_bar=False).world_size
+        online[0].check_one_process(world_size)
     with SlowStep("fingerprinting the model's weights and the data's files"):
         key = run_key(cfg) | {"inputs": run_inputs(module, datamodule)}
     if launching:
