@@ -260,10 +260,15 @@ _BOOKKEEPING_CALLBACKS = (ProgressBar, ModelSummary, Checkpoint)
 
 
 def run_inputs(pl_module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
-    """What a run reads beyond its settings (:mod:`tta.fingerprint`): the module's weights and, for
-    datamodules that read files (``content_fingerprint``), the files' listing."""
+    """What a run reads beyond its settings (:mod:`tta.fingerprint`): the module's weights, for
+    datamodules that read files (``content_fingerprint``) the files' listing, and a class-prompts
+    file's SHA-256 where the module reads one."""
     content = getattr(datamodule, "content_fingerprint", None)
-    return {"weights": weights_fingerprint(pl_module), "data": content() if callable(content) else None}
+    inputs = {"weights": weights_fingerprint(pl_module), "data": content() if callable(content) else None}
+    prompts = getattr(pl_module, "class_prompts_fingerprint", None)
+    if callable(prompts) and prompts() is not None:  # a file of sentences per class (model.class_prompts)
+        inputs["prompts"] = prompts()
+    return inputs
 
 
 def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule, seed: int | None) -> dict[str, Any]:

@@ -164,15 +164,40 @@ class VisionLanguageModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     @torch.no_grad()
-    def class_text_features(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """``C x D`` normalised class features, ensembled over templates, cached."""
+    def class_text_features(
+        self,
+        class_names: Sequence[str],
+        templates: Sequence[str],
+        class_prompts: Sequence[Sequence[str]] | None = None,
+        batch_size: int = 1024,
+    ) -> torch.Tensor:
+        """``C x D`` normalised class features, cached: each class's the normalised mean of the
+        normalised embeddings of its prompts, the templates filled with its name plus, with
+        ``class_prompts``, its own sentences (``class_prompts[c]``: CuPL's descriptions, as the
+        references that use them ensemble them)."""
         names, templates = tuple(check_class_names(class_names)), tuple(check_templates(templates))
-        key = (names, templates, self.device)
-        if key not in self._class_cache:
+        extra = None if class_prompts is None else tuple(tuple(prompts) for prompts in class_prompts)
+        if extra is not None and len(extra) != len(names):
+            raise ValueError(f"class_prompts has {len(extra)} lists for {len(names)} classes: give one per class")
+        key = (names, templates, extra, self.device)
+        if key not in self._class_cache and extra is None:  # the same prompts for every class: one batch each
             per_template = torch.stack(
                 [self.encode_text(self.tokenize([t.format(n) for n in names])) for t in templates]
             )  # T x C x D
             self._class_cache = {key: F.normalize(per_template.mean(0), dim=-1)}
+        elif key not in self._class_cache:
+            texts = [[t.format(n) for t in templates] + list(extra[c]) for c, n in enumerate(names)]
+            flat = [text for prompts in texts for text in prompts]
+            embeddings = torch.cat(
+                [self.encode_text(self.tokenize(flat[i : i + batch_size])) for i in range(0, len(flat), batch_size)]
+            )
+            owner = torch.repeat_interleave(
+                torch.arange(len(names), device=embeddings.device),
+                torch.tensor([len(prompts) for prompts in texts], device=embeddings.device),
+            )
+            sums = torch.zeros(len(names), embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
+            # the mean of each class's prompts; normalised, so the count's division does not matter
+            self._class_cache = {key: F.normalize(sums.index_add_(0, owner, embeddings), dim=-1)}
         return self._class_cache[key]
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

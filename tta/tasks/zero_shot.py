@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,7 +13,13 @@ import torch
 from typing_extensions import override
 
 from tta.metrics import summarize
-from tta.models.vlm import VisionLanguageModel, check_class_names, check_templates, misplaced_class_name
+from tta.models.vlm import (
+    VisionLanguageModel,
+    check_class_names,
+    check_templates,
+    comparable_name,
+    misplaced_class_name,
+)
 from tta.tasks.base import OverVLM
 from tta.validation import check_finite
 
@@ -90,6 +99,30 @@ class ClassifierPredictions:
         return {"acc": float(row["pred"] == row["label"]) if labelled else None}
 
 
+def read_class_prompts(path: str | None) -> tuple[dict[str, list[str]] | None, str | None]:
+    """The sentences per class name of a CuPL-style JSON file, and the file's SHA-256; ``(None, None)``
+    without a file. A file that is missing or not ``{name: [sentence, ...]}`` is refused by name."""
+    if path is None:
+        return None, None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(
+            f"model.class_prompts: cannot read {path} ({error.strerror or error}): give the path of a JSON file of "
+            'sentences per class, e.g. CuPL\'s {"class name": ["a photo of ...", ...]}'
+        ) from None
+    try:
+        sentences = json.loads(data)
+    except ValueError as error:
+        raise ValueError(f"model.class_prompts: {path} is not JSON ({error})") from None
+    if not (
+        isinstance(sentences, dict)
+        and all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in sentences.values())
+    ):
+        raise ValueError(f"model.class_prompts: {path} is not an object of class name -> list of sentences")
+    return sentences, hashlib.sha256(data).hexdigest()
+
+
 class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
     """Classify images by cosine similarity to class prompts.
 
@@ -105,6 +138,11 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
     TTA callbacks replace ``logits``/``probs`` with adapted ones and keep the originals as
     ``logits_zs``/``probs_zs``. Class names come from the constructor or, if not given, from
     the datamodule's ``class_names``.
+
+    ``class_prompts``: a JSON file of sentences per class name (CuPL's ``{"class": ["...", ...]}``, as
+    DMN-ZS and DPE read them): each class's features ensemble the templates filled with its name and
+    its own sentences. A class is looked up by its name, then with spaces for underscores, then
+    ignoring case, spaces and underscores; the file's SHA-256 is part of the run key.
     """
 
     def __init__(
@@ -112,17 +150,22 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
         vlm: VisionLanguageModel,
         class_names: Sequence[str] | None = None,
         templates: Sequence[str] = ("a photo of a {}.",),
+        class_prompts: str | None = None,
     ) -> None:
         super().__init__()
         self.vlm = vlm
         self.class_names = None if class_names is None else check_class_names(class_names)
         self.templates = check_templates(templates)
+        self.class_prompts = None if class_prompts is None else str(class_prompts)
+        self._sentences, self._sentences_sha256 = read_class_prompts(self.class_prompts)
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Refuse class names that are the datamodule's in another order (labels index the
-        datamodule's list, prompts use this one): called at ``setup``, and by ``tta-predict``
-        before it writes anything."""
+        datamodule's list, prompts use this one), and a ``class_prompts`` file without one of its
+        classes: called at ``setup``, and by ``tta-predict`` before it writes anything."""
         names = getattr(datamodule, "class_names", None)
+        if names or self.class_names:
+            self.sentences_per_class(self.class_names or names)
         if self.class_names is None or not names:
             return
         misplaced = misplaced_class_name(self.class_names, names)
@@ -150,7 +193,32 @@ class ZeroShotClassifier(ClassifierPredictions, OverVLM, pl.LightningModule):
 
     def text_features(self) -> torch.Tensor:
         """Normalised class features (C x D), cached by the wrapper."""
-        return self.vlm.class_text_features(self.class_names, self.templates)
+        return self.vlm.class_text_features(self.class_names, self.templates, self.sentences_per_class())
+
+    def sentences_per_class(self, class_names: Sequence[str] | None = None) -> list[list[str]] | None:
+        """Each class's sentences from ``class_prompts`` (``None`` without the file); a class the file
+        does not name is refused, naming it and the file."""
+        if self._sentences is None:
+            return None
+        found = []
+        by_comparable = {comparable_name(key): key for key in self._sentences}
+        for name in class_names or self.class_names:
+            for key in (name, name.replace("_", " "), by_comparable.get(comparable_name(name))):
+                if key in self._sentences:
+                    found.append(self._sentences[key])
+                    break
+            else:
+                raise ValueError(
+                    f"model.class_prompts {self.class_prompts} has no sentences for the class {name!r} (its names "
+                    f"are e.g. {list(self._sentences)[:3]}): give the file of this data set's classes"
+                )
+        return found
+
+    def class_prompts_fingerprint(self) -> dict[str, str] | None:
+        """What the run key records of ``class_prompts``: the file's name and SHA-256."""
+        if self.class_prompts is None:
+            return None
+        return {"file": Path(self.class_prompts).name, "sha256": self._sentences_sha256}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self.vlm.check_images(images)
