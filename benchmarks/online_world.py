@@ -1,6 +1,6 @@
 """The online methods on the offline world: every shift x every stream order, seeds, and their cost.
 
-    python benchmarks/online_world.py [--methods none,tda,dmn,boostadapter,dota] [--streams iid,sorted,dirichlet]
+    python benchmarks/online_world.py [--methods none,tda,dmn,boostadapter,dota,dpe] [--streams iid,sorted,dirichlet]
         [--seeds 0,1,2] [--n 200] [--out multirun/online_world] [--store DIR] [--table FILE]
     python benchmarks/online_world.py --cost [--n 50]   # the methods' own time against the views' encoding
     python benchmarks/online_world.py --tabulate [--out ...]   # the tables again, from a finished sweep
@@ -128,7 +128,7 @@ def cost_table(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="none,tda,dmn,boostadapter,dota")
+    parser.add_argument("--methods", default="none,tda,dmn,boostadapter,dota,dpe")
     parser.add_argument("--streams", default="iid,sorted,dirichlet")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n", type=int, default=None, help="scenes per domain (default 200; --cost: 50)")

@@ -34,6 +34,7 @@ from tta.methods.boostadapter import BoostAdapterState
 from tta.methods.ctpt import ctpt_adapt
 from tta.methods.dmn import DMNState
 from tta.methods.dota import DOTAState
+from tta.methods.dpe import DPEState
 from tta.methods.entropy import marginal_entropy, select_confident
 from tta.methods.lame import laplacian_adjust
 from tta.methods.mta import mta_mode
@@ -44,7 +45,13 @@ from tta.methods.zero import zero_predict
 from tta.models import PromptLearner, create_vlm
 
 #: The online methods' states, with their reference defaults (ImageNet-A's settings for the views).
-ONLINE_STATES = {"TDA": TDAState, "BoostAdapter": BoostAdapterState, "DMN-ZS": DMNState, "DOTA": DOTAState}
+ONLINE_STATES = {
+    "TDA": TDAState,
+    "BoostAdapter": BoostAdapterState,
+    "DMN-ZS": DMNState,
+    "DOTA": DOTAState,
+    "DPE": DPEState,
+}
 
 
 def imagenet_class_names() -> list[str]:

@@ -6,6 +6,7 @@ from tta.callbacks.ctpt import CTPT
 from tta.callbacks.difftpt import DiffTPT
 from tta.callbacks.dmn import DMN
 from tta.callbacks.dota import DOTA
+from tta.callbacks.dpe import DPE
 from tta.callbacks.lame import LAME
 from tta.callbacks.mta import MTA
 from tta.callbacks.online import OnlineTTA
@@ -23,6 +24,7 @@ __all__ = [
     "CTPT",
     "DMN",
     "DOTA",
+    "DPE",
     "LAME",
     "MTA",
     "STS",

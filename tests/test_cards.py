@@ -347,7 +347,7 @@ def test_world_cards(card, overrides, tmp_path):
 
 #: The online methods' card folders (one card per data set) and the cards of each that the tier runs:
 #: one of the ImageNet family, one fine-grained.
-ONLINE_FAMILIES = ("tda_vit_b16", "boostadapter_vit_b16", "dmn_vit_b16", "dota_vit_b16")
+ONLINE_FAMILIES = ("tda_vit_b16", "boostadapter_vit_b16", "dmn_vit_b16", "dota_vit_b16", "dpe_vit_b16")
 
 
 def composed_card(card: str, overrides: list[str] = ()):

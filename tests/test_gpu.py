@@ -47,6 +47,7 @@ from tta.methods import ttm as ttm_methods
 from tta.methods.boostadapter import BoostAdapterState
 from tta.methods.dmn import DMNState
 from tta.methods.dota import DOTAState
+from tta.methods.dpe import DPEState
 from tta.methods.tda import TDAState
 from tta.models import PromptLearner, VisionLanguageModel, create_vlm
 from tta.tasks import GroupScorer, SearchEpisodeRunner
@@ -57,7 +58,7 @@ DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 #: trainer.precision of each variant; Lightning runs 16-mixed as bf16-mixed on a CPU, so the
 #: fp16 variant is CUDA's only.
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-ONLINE = ("tda", "boostadapter", "dmn", "dota")
+ONLINE = ("tda", "boostadapter", "dmn", "dota", "dpe")
 METHODS = (
     "none",
     "views",
@@ -243,7 +244,7 @@ class Probes:
                 self.watch(cls, "encode_views", lambda a, r: self.run.record("view features", r))
             if "adapt" in vars(cls):
                 self.watch(cls, "adapt", self._adapted)
-        for state in (TDAState, BoostAdapterState, DMNState, DOTAState):  # the state after each sample's step
+        for state in (TDAState, BoostAdapterState, DMNState, DOTAState, DPEState):  # the state after each sample's step
             self.watch(state, "step", lambda a, r: self.run.record("online state", r, a[0].state_dict()))
         self.watch(PromptLearner, "text_features", self._prompt)
         self.watch(DiffusionViewGenerator, "views", lambda a, r: self.run.record("diffusion views", a[1], r))
