@@ -188,7 +188,7 @@ def test_a_run_that_failed_after_k_batches_resumes_to_the_uninterrupted_bytes(mo
     changed = tmp_path / "changed"
     with pytest.raises(RuntimeError, match="crash"):
         _run(module, changed, [Prototypes()], fail_after=k)
-    state_file = changed / progress["stream_state"]["file"]
+    state_file = changed / json.loads((changed / "progress.json").read_text())["stream_state"]["file"]
     data = bytearray(state_file.read_bytes())
     data[-1] ^= 1
     state_file.write_bytes(bytes(data))
@@ -200,7 +200,6 @@ def test_a_missing_state_or_a_leftover_of_a_kill_is_handled(module, tmp_path):
     stopped = tmp_path / "stopped"
     with pytest.raises(RuntimeError, match="crash"):
         _run(module, stopped, [Prototypes()], fail_after=2)
-    name = json.loads((stopped / "progress.json").read_text())["stream_state"]["file"]
     # a kill between the next state's write and progress.json leaves a file progress.json does not name
     (stopped / "stream_state-0000003.safetensors").write_bytes(b"half")
     (stopped / "stream_state-0000003.safetensors.tmp").write_bytes(b"half")
@@ -211,7 +210,7 @@ def test_a_missing_state_or_a_leftover_of_a_kill_is_handled(module, tmp_path):
     again = tmp_path / "again"
     with pytest.raises(RuntimeError, match="crash"):
         _run(module, again, [Prototypes()], fail_after=2)
-    (again / name).unlink()
+    (again / json.loads((again / "progress.json").read_text())["stream_state"]["file"]).unlink()
     with pytest.raises(RunFolderError, match=r"cannot read .*restore it, or move"):
         _run(module, again, [Prototypes()])
 
