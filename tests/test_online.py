@@ -242,3 +242,20 @@ def test_a_state_saved_less_often_than_the_batches_resumes_after_it(module, tmp_
     _run(module, stopped, [Prototypes()])
     assert (stopped / "predictions.csv").read_bytes() == (whole / "predictions.csv").read_bytes()
     assert (stopped / "timing.csv").read_text().count("\n") == 17  # header + 16 rows: none twice
+
+
+@pytest.mark.parametrize("method", ["TDA", "BoostAdapter", "DMN", "DOTA", "DPE"])
+def test_each_online_method_resumes_a_crashed_run_to_the_uninterrupted_bytes(module, tmp_path, method):
+    """Each method's own state (caches, memory, Gaussians, prototypes) through the writer: a run that
+    crashed after 3 batches, rerun, writes the bytes of an uninterrupted run, on 10 views each."""
+    import tta.callbacks as callbacks
+
+    def make():
+        return getattr(callbacks, method)(n_views=10, seed=0)
+
+    whole = _run(module, tmp_path / "whole", [make()])
+    stopped = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="crash"):
+        _run(module, stopped, [make()], fail_after=3)
+    _run(module, stopped, [make()])
+    assert (stopped / "predictions.csv").read_bytes() == (whole / "predictions.csv").read_bytes()
