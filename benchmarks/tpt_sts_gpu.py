@@ -226,6 +226,7 @@ def main() -> None:
     seq = f"{prompt.seq_len} tokens"
     b = batch
     fp16_name, bf16_name = ("fp16 autocast + loss scaler", "bf16 autocast") if cuda else ("fp32 (CPU smoke)",) * 2
+    fp16_no_grad_name = "fp16 autocast" if cuda else "fp32 (CPU smoke)"  # the online states take no gradient step
     cases = (
         (f"zero-shot, {args.views} views, {b} images at once", bf16_name, zero_shot),
         (
@@ -250,7 +251,7 @@ def main() -> None:
         *(
             (
                 f"{name}: {args.views} views, {b} images' views at once, one state along the images",
-                fp16_name,
+                fp16_no_grad_name,
                 online(cls),
             )
             for name, cls in ONLINE_STATES.items()
