@@ -294,6 +294,8 @@ def test_difftpt_card(trees, tmp_path):
             f"{generator}.pretrained=tta-tiny-image-variation",
             f"{generator}.n_views=5",
             f"{generator}.num_inference_steps=2",
+            f"{generator}.height=null",  # the tiny pipeline's native 32 px, not the card's 512
+            f"{generator}.width=null",
             f"{generator}.output_size=32",
             f"{generator}.cache_dir={tmp_path / 'views'}",
         ],

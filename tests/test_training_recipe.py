@@ -20,6 +20,7 @@ from tta.world import render_pairs, render_single
 from tta.world.evaluate import calibrate_levels, knn_agreement, print_properties, world_properties
 from tta.world.train_clip import (
     ARCHITECTURES,
+    STYLE_WORDS,
     camera_diversity,
     make_batch,
     random_resized_crops,
@@ -84,11 +85,14 @@ def test_mixup_blends_images_and_their_targets():
 
 def test_camera_diversity_varies_pictures_but_never_their_hue():
     images = torch.rand(64, 3, 16, 16)
-    varied = camera_diversity(images, 0.5, torch.Generator().manual_seed(0))
+    varied, styles = camera_diversity(images, 0.5, torch.Generator().manual_seed(0))
     assert varied.shape == images.shape and varied.min() >= 0 and varied.max() <= 1
     changed = (varied - images).abs().flatten(1).amax(1) > 1e-6
     assert 0.5 < changed.float().mean() < 1.0
-    torch.testing.assert_close(camera_diversity(images, 0.0, torch.Generator().manual_seed(0)), images)
+    assert len(styles) == 64 and {s for s in styles if s is not None} <= set(STYLE_WORDS)
+    unvaried, no_styles = camera_diversity(images, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unvaried, images)
+    assert no_styles == [None] * 64
 
 
 def test_distillation_starts_from_the_teachers_text_tower(trained, tmp_path):
@@ -207,3 +211,25 @@ def test_calibration_picks_levels_between_the_trials(trained, tmp_path):
         assert len(row["accuracy"]) == 2 and len(row["levels"]) == 5
         low, high = sorted(grid[name])
         assert all(low <= level <= high for level in row["levels"])
+
+
+def test_style_captions_name_the_camera_variation_and_change_nothing_else():
+    args = (3, 0, 64, 0.25, 96, 64, (0.3, 1.0), 0.05)
+    plain, plain_affinity = make_batch(*args, diversity=0.3)
+    styled, styled_affinity = make_batch(*args, diversity=0.3, style_captions=True)
+    torch.testing.assert_close(styled.images, plain.images, rtol=0, atol=0)  # the same pictures
+    n_single = 64 - int(64 * 0.25)
+    named = [i for i, c in enumerate(styled.captions) if c != plain.captions[i]]
+    assert named and all(i < n_single for i in named)  # single-object captions only
+    for i in named:
+        word = next(w for w in STYLE_WORDS if f"a {w} photo of a " in styled.captions[i])
+        assert styled.canonical[i].startswith(f"a {word} ")  # the style is part of the caption's content
+    # a styled caption is a positive of its own image, not of an unstyled picture of the same class
+    assert not torch.equal(styled_affinity, plain_affinity)
+    blurred = [i for i in named if "blurry" in styled.captions[i]]
+    assert blurred, "seed 0 step 3 blurs some single-object image at diversity 0.3"
+
+
+def test_style_captions_need_camera_variations():
+    with pytest.raises(ValueError, match="--diversity"):
+        train(steps=1, style_captions=True, **TINY)

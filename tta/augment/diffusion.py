@@ -11,6 +11,9 @@ Weights (``pretrained``):
 - a hub id with ``revision`` (DiffTPT's: ``lambdalabs/sd-image-variations-diffusers``, ``v2.0``),
   loaded from the local Hugging Face cache or downloaded;
 - a local folder saved by ``save_pretrained`` (same layout as the hub repository);
+- ``"tta-world-image-variation"``: the offline world's generator, shipped in ``tta/assets/`` (a
+  tiny pipeline of the same classes, 32 px, trained on world scenes by
+  ``python -m tta.world.train_generator``; the world's default for ``tta=difftpt``);
 - ``"tta-tiny-image-variation"``: a tiny pipeline with RANDOM weights, built from small
   diffusers/transformers configs with a fixed seed (no download). Its "variations" are noise:
   it checks the plumbing offline (shapes, cache, batching), it is not a model.
@@ -29,10 +32,12 @@ the SHA-256 of its pixels (safetensors metadata), checked on every read: a file 
 read, holds another key (another image's file copied or renamed into place) or whose pixels do
 not match the checksum is regenerated and rewritten, with one warning naming it. Model identity: hub id + revision; for
 a local folder, its resolved path + the name, size and modification time of every file in it
-(re-saving weights into the same folder invalidates the cache without hashing gigabytes); the
-tiny pipeline, its name and seed. The dtype the pipeline runs in is part of the key (``"auto"``
-resolved: float16 on CUDA, float32 elsewhere); the device otherwise is not (another GPU model
-may round differently, within the same dtype).
+(re-saving weights into the same folder invalidates the cache without hashing gigabytes); for a
+shipped pipeline, its name + the name and SHA-256 of every file in it (a few MB: the key follows
+the weights, not where or when the package was installed); the tiny pipeline, its name and seed.
+The dtype the pipeline runs in is part of the key (``"auto"`` resolved: float16 on CUDA, float32
+elsewhere); the device otherwise is not (another GPU model may round differently, within the same
+dtype).
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ from tta.validation import check_number
 
 #: ``pretrained`` value of the tiny random pipeline (plumbing checks offline; not a model).
 TINY_PIPELINE = "tta-tiny-image-variation"
+#: ``pretrained`` value of the offline world's trained generator (``tta.world.train_generator``).
+WORLD_PIPELINE = "tta-world-image-variation"
+#: Pipelines shipped with the package, by their short name: the folder each is saved in.
+SHIPPED_PIPELINES = {WORLD_PIPELINE: Path(__file__).resolve().parent.parent / "assets" / WORLD_PIPELINE}
 #: DiffTPT's weights.
 DIFFTPT_WEIGHTS = ("lambdalabs/sd-image-variations-diffusers", "v2.0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -139,12 +148,19 @@ def _folder_fingerprint(folder: Path) -> list[tuple[str, int, int]]:
     )
 
 
+def _folder_digests(folder: Path) -> list[tuple[str, str]]:
+    """Name and SHA-256 of every file of a (small, shipped) folder."""
+    files = (p for p in folder.rglob("*") if p.is_file())
+    return sorted((str(p.relative_to(folder)), hashlib.sha256(p.read_bytes()).hexdigest()) for p in files)
+
+
 class DiffusionViewGenerator:
     """Image variations per test image, generated on the device in batches, cached on disk.
 
     Args:
-        pretrained: hub id, local folder, or ``"tta-tiny-image-variation"`` (see the module doc).
-        revision: hub revision (ignored for a local folder or the tiny pipeline).
+        pretrained: hub id, local folder, ``"tta-world-image-variation"`` (the offline world's
+            generator) or ``"tta-tiny-image-variation"`` (see the module doc).
+        revision: hub revision (ignored for a local folder, a shipped pipeline or the tiny pipeline).
         n_views: variations per image (DiffTPT: 63).
         guidance_scale: classifier-free guidance on the image embedding (DiffTPT: 3).
         num_inference_steps: denoising steps (diffusers' default 50).
@@ -198,13 +214,23 @@ class DiffusionViewGenerator:
                 )
         self.pretrained, self.revision = str(pretrained), revision
         self.local_folder: Path | None = None
-        if self.pretrained != TINY_PIPELINE and _is_path(self.pretrained):
+        self._digests: list[tuple[str, str]] | None = None  # a shipped pipeline's file digests, read once
+        if self.pretrained in SHIPPED_PIPELINES:
+            folder = SHIPPED_PIPELINES[self.pretrained]
+            if not (folder / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"pretrained={self.pretrained!r}: the shipped pipeline is missing from {folder} (a broken "
+                    f"install?): reinstall tta, or retrain it with python -m tta.world.train_generator --out {folder}"
+                )
+            self.local_folder = folder
+        elif self.pretrained != TINY_PIPELINE and _is_path(self.pretrained):
             folder = Path(self.pretrained).expanduser().resolve()
             if not (folder / "model_index.json").is_file():
                 raise FileNotFoundError(
                     f"pretrained={self.pretrained!r} is not a saved diffusers pipeline (no model_index.json in "
                     f"{folder}): give the folder written by StableDiffusionImageVariationPipeline.save_pretrained, "
-                    f"a hub id such as {DIFFTPT_WEIGHTS[0]!r}, or {TINY_PIPELINE!r} for the offline plumbing check"
+                    f"a hub id such as {DIFFTPT_WEIGHTS[0]!r}, {WORLD_PIPELINE!r} for the offline world, or "
+                    f"{TINY_PIPELINE!r} for the offline plumbing check"
                 )
             self.local_folder = folder
         self.n_views, self.guidance_scale, self.num_inference_steps = (
@@ -282,6 +308,10 @@ class DiffusionViewGenerator:
     def model_identity(self) -> dict[str, Any]:
         if self.pretrained == TINY_PIPELINE:
             return {"model": TINY_PIPELINE, "tiny_seed": self.tiny_seed}
+        if self.pretrained in SHIPPED_PIPELINES:
+            if self._digests is None:
+                self._digests = _folder_digests(self.local_folder)
+            return {"model": self.pretrained, "files": self._digests}
         if self.local_folder is not None:
             return {"model": str(self.local_folder), "files": _folder_fingerprint(self.local_folder)}
         return {"model": self.pretrained, "revision": self.revision}

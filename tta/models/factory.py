@@ -27,9 +27,18 @@ def register_model_configs() -> None:
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 #: Models shipped inside the package, by name: each an open_clip ``local-dir`` trained on the
-#: offline world (``tta.world.train_clip``). ``tta-world-resnet`` is the default model.
+#: offline world (``tta.world.train_clip``). ``tta-world-resnet`` is the default model; the
+#: ``tta-world-pairs`` models (trained on two-object scenes with NegCLIP's hard negatives) bind
+#: attributes to objects and serve the compositional groups (``model=tta_world_groups``).
 SHIPPED_MODELS: dict[str, Path] = {
-    name: ASSET_DIR / name for name in ("tta-world-resnet", "tta-world-resnet-siglip", "tta-world-vit")
+    name: ASSET_DIR / name
+    for name in (
+        "tta-world-resnet",
+        "tta-world-resnet-siglip",
+        "tta-world-vit",
+        "tta-world-pairs",
+        "tta-world-pairs-siglip",
+    )
 }
 LOCAL_DIR = "local-dir:"
 
