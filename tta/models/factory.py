@@ -28,8 +28,8 @@ def register_model_configs() -> None:
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 #: Models shipped inside the package, by name: each an open_clip ``local-dir`` trained on the
 #: offline world (``tta.world.train_clip``). ``tta-world-resnet`` is the default model; the
-#: ``tta-world-pairs`` models (trained on two-object scenes with NegCLIP's hard negatives) bind
-#: attributes to objects and serve the compositional groups (``model=tta_world_groups``).
+#: ``tta-world-pairs`` models (trained on two-object scenes whose crops keep both objects) serve
+#: the compositional groups (``model=tta_world_groups``); the InfoNCE one binds colours to shapes.
 SHIPPED_MODELS: dict[str, Path] = {
     name: ASSET_DIR / name
     for name in (
