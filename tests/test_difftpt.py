@@ -120,7 +120,7 @@ def test_generator_bad_inputs_get_clear_errors(tmp_path):
         tiny_generator(blocker / "cache").load()
     with pytest.raises(ValueError, match="scheduler"):
         DiffusionViewGenerator(TINY_PIPELINE, scheduler="NoSuchThing")
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="height must be a multiple of 8"):
         DiffusionViewGenerator(TINY_PIPELINE, height=30)
     with pytest.raises(ValueError, match="one seed per image"):
         tiny_generator().views(images(2), [1])

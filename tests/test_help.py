@@ -42,7 +42,7 @@ def test_help_prints_each_options_whole_note_within_80_columns(help_text):
     # the first sentence goes past "et al." (it was cut to "DiffTPT (Feng et al.")
     assert "DiffTPT (Feng et al. 2023): TPT over the original + 64 conventional views" in flat
     # and the sentences after it are there too
-    assert "4 AdamW steps at lr 5e-3; prediction on the original. Offline plumbing check" in flat
+    assert "4 AdamW steps at lr 5e-3; prediction on the original. On the offline world (the default data" in flat
     assert "cosine filter (80%, logit vectors as in the reference code;" in flat
     assert "Below the ResNet's accuracy within the recipe's CPU budget (docs/world.md), so not the default." in flat
     # an example command of a note, continued with a backslash where it is wrapped

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tta.validation import check_number
+from tta.validation import OptionError, check_number
 
 #: ``pretrained`` value of the tiny random pipeline (plumbing checks offline; not a model).
 TINY_PIPELINE = "tta-tiny-image-variation"
@@ -199,8 +199,10 @@ class DiffusionViewGenerator:
         check_number("batch_size", batch_size, 1, integer=True)  # views per pipeline call
         check_number("output_size", output_size, 1, integer=True, optional=True)  # side in pixels
         check_number("tiny_seed", tiny_seed, integer=True)
-        if any(s is not None and (s < 8 or s % 8) for s in (height, width)):
-            raise ValueError(f"height and width must be multiples of 8 (or None), got {height} and {width}")
+        for name, side in (("height", height), ("width", width)):  # pixels; the autoencoder halves them 3 times
+            check_number(name, side, 8, integer=True, optional=True)
+            if side is not None and side % 8:
+                raise OptionError(name, f"must be a multiple of 8 (or null), got {side}")
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         require_difftpt_extra()
